@@ -95,14 +95,20 @@ class ExponentialFamily:
         """Shape of each named statistic for a single x (no batch dimensions)."""
         cached = self.__dict__.get("_stat_shapes")
         if cached is None:
-            probe = jax.ShapeDtypeStruct(self.event_shape, jnp.float32)
-            out = jax.eval_shape(self.statistics, probe)
-            if not isinstance(out, Mapping) or not out:
-                raise TypeError(
-                    f"{self.name}: statistics(x) must return a non-empty dict of arrays, "
-                    f"got {type(out).__name__}"
-                )
-            cached = {str(k): tuple(v.shape) for k, v in out.items()}
+            order: list[str] = []  # the user's order; pytrees would sort dict keys
+
+            def probe(x):
+                out = self.statistics(x)
+                if not isinstance(out, Mapping) or not out:
+                    raise TypeError(
+                        f"{self.name}: statistics(x) must return a non-empty dict of arrays, "
+                        f"got {type(out).__name__}"
+                    )
+                order.extend(out)
+                return {k: jnp.asarray(v) for k, v in out.items()}
+
+            out = jax.eval_shape(probe, jax.ShapeDtypeStruct(self.event_shape, jnp.float32))
+            cached = {str(k): tuple(out[k].shape) for k in order}
             self.__dict__["_stat_shapes"] = cached
         return dict(cached)
 
