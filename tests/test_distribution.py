@@ -1,4 +1,4 @@
-"""EFDistribution: the numpyro Distribution contract (shapes, jit, vmap, log_prob vs scipy, NUTS)."""
+"""EFDistribution: the numpyro Distribution contract (shapes, jit, vmap, log_prob, NUTS)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +8,11 @@ import numpyro.distributions as dist
 import pytest
 import scipy.stats as st
 from numpyro.infer import MCMC, NUTS, Predictive
+from numpyro_nnef.oracles.quadrature import QuadratureOracle
 
 import numpyro_nnef as nnef
 from numpyro_nnef import families
 from numpyro_nnef.distribution import EFDistribution
-from numpyro_nnef.oracles.exact import ExactOracle
-from numpyro_nnef.oracles.quadrature import QuadratureOracle
 
 
 def gaussian_eta(loc, scale):
@@ -42,7 +41,9 @@ SCIPY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("family, eta, scipy_logpdf", SCIPY_CASES, ids=lambda c: getattr(c, "name", ""))
+@pytest.mark.parametrize(
+    "family, eta, scipy_logpdf", SCIPY_CASES, ids=lambda c: getattr(c, "name", "")
+)
 def test_log_prob_matches_scipy(family, eta, scipy_logpdf, key):
     d = EFDistribution(family, eta)
     x = d.sample(key, (5,))
