@@ -1,0 +1,700 @@
+"""NUTS data generation: eta -> (E[T(x)], Cov[T(x)]) with ArviZ diagnostics.
+
+For each natural parameter eta, independent NUTS chains (BlackJAX window adaptation, then a scan
+of NUTS steps) target p(x | eta) ∝ h(x) exp(eta . T(x)) in unconstrained space: with
+x = f(u), f = ``biject_to(family.support)``, the chains sample
+
+    log p(u | eta) = eta . T(f(u)) + log h(f(u)) + log |det J_f(u)| + const,
+
+so constrained supports are never clipped. Chains are vectorised (``vmap``) over eta and chains
+and sharded over all local JAX devices along the eta axis. Randomness comes only from the given
+``jax.random`` key: point i uses ``fold_in(fold_in(key, 0), i)``, attempt r of that point uses
+``fold_in(point_key, r)``, so results do not depend on chunking or on the number of devices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import blackjax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from blackjax.adaptation.base import get_filter_adapt_info_fn
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from numpyro.distributions.transforms import biject_to
+
+from .dataset import ExpectationDataset
+from .family import Array, ExponentialFamily, OutOfDomainError
+
+__all__ = [
+    "NUTSDraws",
+    "compute_diagnostics",
+    "generate_dataset",
+    "passes_diagnostics",
+    "run_nuts",
+    "sample_etas",
+    "sample_family",
+    "unconstrained_log_density",
+]
+
+CHECKPOINT_FORMAT = "numpyro_nnef.generate_dataset.checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# NUTS kernels
+# ---------------------------------------------------------------------------------------------
+class NUTSDraws(NamedTuple):
+    """Output of :func:`run_nuts` for etas of shape ``batch + (stat_dim,)``.
+
+    statistics: T(x) draws, ``batch + (num_chains, num_samples, stat_dim)``.
+    divergences: divergent transitions after warm-up, summed over chains, ``batch``.
+    step_size: adapted step size per chain, ``batch + (num_chains,)``.
+    acceptance_rate: mean acceptance probability per chain, ``batch + (num_chains,)``.
+    x: the draws of x, ``batch + (num_chains, num_samples) + event_shape`` (or None).
+    """
+
+    statistics: Array
+    divergences: Array
+    step_size: Array
+    acceptance_rate: Array
+    x: Array | None = None
+
+
+def unconstrained_log_density(family: ExponentialFamily, eta: Array
+                              ) -> Callable[[Array], Array]:
+    """The NUTS target for one eta in unconstrained space, up to the constant -A(eta):
+
+    u -> eta . T(f(u)) + log h(f(u)) + log|det J_f(u)|,  f = ``biject_to(family.support)``,
+    for one unconstrained point u of shape ``f.inverse_shape(event_shape)``.
+    """
+    transform = biject_to(family.support)
+
+    def logdensity(u):
+        x = transform(u)
+        log_det = jnp.sum(transform.log_abs_det_jacobian(u, x))
+        return family.unnormalized_log_prob(eta, x) + log_det
+
+    return logdensity
+
+
+def _unconstrained_shape(family: ExponentialFamily) -> tuple[int, ...]:
+    return tuple(biject_to(family.support).inverse_shape(family.event_shape))
+
+
+def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_rate, return_x):
+    """(key, eta) -> per-eta outputs of ``num_chains`` independent adapted NUTS chains."""
+    transform = biject_to(family.support)
+    u_shape = _unconstrained_shape(family)
+
+    def one_eta(key, eta):
+        logdensity = unconstrained_log_density(family, eta)
+        k_init, k_warm, k_draw = jax.random.split(key, 3)
+        u_init = jax.random.uniform(
+            k_init, (num_chains,) + u_shape, eta.dtype, minval=-2.0, maxval=2.0
+        )
+
+        def one_chain(k_w, k_d, u0):
+            warmup = blackjax.window_adaptation(
+                blackjax.nuts, logdensity, target_acceptance_rate=target_acceptance_rate,
+                adaptation_info_fn=get_filter_adapt_info_fn(),
+            )
+            (state, parameters), _ = warmup.run(k_w, u0, num_steps=num_warmup)
+            step = blackjax.nuts(logdensity, **parameters).step
+
+            def body(state, k):
+                state, info = step(k, state)
+                x = transform(state.position)
+                out = (family.sufficient_statistics(x), info.is_divergent, info.acceptance_rate)
+                return state, out + ((x,) if return_x else ())
+
+            _, outs = jax.lax.scan(body, state, jax.random.split(k_d, num_samples))
+            stats, divergent, accept = outs[:3]
+            result = (stats, jnp.sum(divergent), parameters["step_size"], jnp.mean(accept))
+            return result + ((outs[3],) if return_x else ())
+
+        outs = jax.vmap(one_chain)(
+            jax.random.split(k_warm, num_chains), jax.random.split(k_draw, num_chains), u_init
+        )
+        stats, divergences, step_size, accept = outs[:4]
+        return (stats, jnp.sum(divergences), step_size, accept) + tuple(outs[4:])
+
+    return one_eta
+
+
+def _batched_fn(family, settings: tuple, sharded: bool):
+    """jit(vmap over eta [sharded over local devices]) of the per-eta sampler.
+
+    Cached on the family instance (like ``stat_shapes``), so repeated calls reuse the compiled
+    sampler and the cache dies with the family.
+    """
+    per_family = getattr(family, "__dict__", {}).setdefault("_nuts_sampler_cache", {})
+    devices = tuple(jax.local_devices()) if sharded else None
+    cache_key = (settings, devices)
+    fn = per_family.get(cache_key)
+    if fn is None:
+        fn = jax.vmap(_one_eta_fn(family, *settings))
+        if sharded:
+            mesh = Mesh(np.array(devices), ("eta",))
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=(P("eta"), P("eta")), out_specs=P("eta"),
+                               check_vma=False)
+        fn = jax.jit(fn)
+        per_family[cache_key] = fn
+    return fn
+
+
+def _pad(a: Array, size: int) -> Array:
+    """Pad axis 0 to ``size`` by repeating the last row (a valid eta/key: no NaN from padding)."""
+    n = a.shape[0]
+    if n == size:
+        return a
+    return jnp.concatenate([a, jnp.repeat(a[-1:], size - n, axis=0)], axis=0)
+
+
+def _run_flat(family, etas: Array, keys: Array, *, num_chains, num_warmup, num_samples,
+              target_acceptance_rate, return_x, batch_size: int | None = None) -> NUTSDraws:
+    """Run on etas (n, D) with one key per eta; n is padded to ``batch_size`` and to a multiple
+    of the local device count (sharded path) unless the inputs are traced."""
+    _check_settings(num_chains, num_warmup, num_samples)
+    settings = (int(num_chains), int(num_warmup), int(num_samples),
+                float(target_acceptance_rate), bool(return_x))
+    n = etas.shape[0]
+    traced = isinstance(etas, jax.core.Tracer) or isinstance(keys, jax.core.Tracer)
+    if traced:
+        out = _batched_fn(family, settings, sharded=False)(keys, etas)
+    else:
+        num_devices = len(jax.local_devices())
+        size = max(n, batch_size or 0)
+        size = -(-size // num_devices) * num_devices
+        out = _batched_fn(family, settings, sharded=True)(_pad(keys, size), _pad(etas, size))
+        out = tuple(o[:n] for o in out)
+    return NUTSDraws(*out[:4], out[4] if return_x else None)
+
+
+def _check_settings(num_chains, num_warmup, num_samples):
+    for name, value, least in (("num_chains", num_chains, 1), ("num_warmup", num_warmup, 1),
+                               ("num_samples", num_samples, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+
+
+def _as_key(key) -> Array:
+    """A typed jax.random key (legacy uint32 keys are wrapped)."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"key must be a single jax.random key, got shape {key.shape}")
+        return key
+    if key.shape != (2,) or key.dtype != jnp.uint32:
+        raise ValueError(f"key must be a jax.random key, got {key.dtype}{list(key.shape)}")
+    return jax.random.wrap_key_data(key)
+
+
+def _point_keys(key: Array, indices) -> Array:
+    root = jax.random.fold_in(key, 0)
+    return jax.vmap(lambda i: jax.random.fold_in(root, i))(jnp.asarray(indices, jnp.uint32))
+
+
+def _attempt_keys(point_keys: Array, attempt: int) -> Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, attempt))(point_keys)
+
+
+def _float_etas(family: ExponentialFamily, etas) -> Array:
+    etas = jnp.asarray(etas)
+    if not jnp.issubdtype(etas.dtype, jnp.floating):
+        etas = etas.astype(jnp.result_type(float))
+    return family._check_eta(etas)
+
+
+def run_nuts(
+    family: ExponentialFamily,
+    etas: Array,
+    *,
+    key: Array,
+    num_chains: int = 4,
+    num_warmup: int = 500,
+    num_samples: int = 1000,
+    target_acceptance_rate: float = 0.8,
+    return_x: bool = False,
+) -> NUTSDraws:
+    """Independent adapted NUTS chains on p(x | eta) ∝ h(x) exp(eta . T(x)) for each eta.
+
+    ``etas`` has shape ``batch + (stat_dim,)`` (usually ``(n_eta, stat_dim)``). Each chain starts
+    at u ~ Uniform(-2, 2) in unconstrained space, runs ``num_warmup`` steps of BlackJAX window
+    adaptation, then ``num_samples`` NUTS steps. Returns :class:`NUTSDraws` with
+    ``statistics`` of shape ``batch + (num_chains, num_samples, stat_dim)``.
+    """
+    etas = family.validate_natural(_float_etas(family, etas))
+    key = _as_key(key)
+    batch = etas.shape[:-1]
+    flat = etas.reshape((-1, family.stat_dim))
+    n = flat.shape[0]
+    draws = _run_flat(
+        family, flat, _point_keys(key, np.arange(n)), num_chains=num_chains,
+        num_warmup=num_warmup, num_samples=num_samples,
+        target_acceptance_rate=target_acceptance_rate, return_x=return_x,
+    )
+    return NUTSDraws(*(None if a is None else a.reshape(batch + a.shape[1:]) for a in draws))
+
+
+def sample_family(
+    family: ExponentialFamily,
+    eta: Array,
+    *,
+    key: Array,
+    sample_shape: tuple[int, ...] = (),
+    num_chains: int = 2,
+    num_warmup: int = 300,
+    target_acceptance_rate: float = 0.8,
+) -> Array:
+    """Draws x ~ p(x | eta) by NUTS, shape ``sample_shape + batch + event_shape``.
+
+    ``eta`` has shape ``batch + (stat_dim,)``. The prod(sample_shape) draws per eta are taken
+    round-robin over ``num_chains`` chains of ceil(prod(sample_shape) / num_chains) draws each,
+    after ``num_warmup`` adaptation steps (draws are exact only up to MCMC error). Works under
+    ``jax.jit`` (eta and key may be traced).
+    """
+    eta = family.validate_natural(_float_etas(family, eta))
+    key = _as_key(key)
+    sample_shape = tuple(int(s) for s in sample_shape)
+    batch = eta.shape[:-1]
+    flat = eta.reshape((-1, family.stat_dim))
+    n_eta, n_draws = flat.shape[0], math.prod(sample_shape)
+    per_chain = max(1, -(-n_draws // num_chains))
+    draws = _run_flat(
+        family, flat, _point_keys(key, np.arange(n_eta)), num_chains=num_chains,
+        num_warmup=num_warmup, num_samples=per_chain,
+        target_acceptance_rate=target_acceptance_rate, return_x=True,
+    )
+    x = draws.x  # (n_eta, C, S) + event
+    event = x.shape[3:]
+    x = jnp.swapaxes(x, 1, 2).reshape((n_eta, -1) + event)[:, :n_draws]  # round-robin
+    x = jnp.moveaxis(x, 1, 0)
+    return x.reshape(sample_shape + batch + event)
+
+
+# ---------------------------------------------------------------------------------------------
+# diagnostics
+# ---------------------------------------------------------------------------------------------
+def _arviz():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz
+
+    return arviz
+
+
+def compute_diagnostics(statistics, divergences=None) -> dict[str, np.ndarray]:
+    """Per-eta, per-statistic diagnostics of draws of shape ``(n_eta, chain, draw, stat_dim)``.
+
+    Returns float64/int64 numpy arrays: ``mean`` (n, D) and ``cov`` (n, D, D) pooled over chains
+    (cov with ddof=1), ArviZ ``ess_bulk``, ``ess_tail`` (``az.ess(method='bulk'/'tail')``),
+    ``rhat`` (``az.rhat``, rank-normalised split R-hat) and ``mcse`` (``az.mcse`` of the mean),
+    each (n, D), and ``divergences`` (n,) (zeros if not given). ArviZ is called once per
+    diagnostic for all etas and statistics together.
+    """
+    draws = np.asarray(statistics, dtype=np.float64)
+    if draws.ndim != 4:
+        raise ValueError(f"draws must have shape (n_eta, chain, draw, stat_dim), got {draws.shape}")
+    n, chains, num_draws, dim = draws.shape
+    flat = draws.reshape(n, chains * num_draws, dim)
+    mean = flat.mean(axis=1)
+    centred = flat - mean[:, None, :]
+    cov = np.einsum("nsi,nsj->nij", centred, centred) / max(chains * num_draws - 1, 1)
+    az = _arviz()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dataset = az.convert_to_dataset({"T": np.moveaxis(draws, 0, 2)})  # (chain, draw, n, D)
+        ess_bulk = az.ess(dataset, method="bulk")["T"].values
+        ess_tail = az.ess(dataset, method="tail")["T"].values
+        rhat = az.rhat(dataset)["T"].values
+        mcse = az.mcse(dataset, method="mean")["T"].values
+    if divergences is None:
+        divergences = np.zeros(n, np.int64)
+    return {
+        "mean": mean,
+        "cov": cov,
+        "ess_bulk": np.array(ess_bulk, np.float64).reshape(n, dim),
+        "ess_tail": np.array(ess_tail, np.float64).reshape(n, dim),
+        "rhat": np.array(rhat, np.float64).reshape(n, dim),
+        "mcse": np.array(mcse, np.float64).reshape(n, dim),
+        "divergences": np.array(divergences, np.int64).reshape(n),
+    }
+
+
+def passes_diagnostics(diagnostics: dict[str, np.ndarray], *, min_ess: float = 400,
+                       max_rhat: float = 1.01) -> np.ndarray:
+    """Boolean (n,): every statistic has r_hat <= max_rhat and ess_bulk, ess_tail >= min_ess,
+    the mean is finite and there was no divergence (NaN diagnostics fail)."""
+    d = diagnostics
+    ok = (d["rhat"] <= max_rhat) & (d["ess_bulk"] >= min_ess) & (d["ess_tail"] >= min_ess)
+    ok &= np.isfinite(d["mean"])
+    return np.all(ok, axis=-1) & (d["divergences"] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# eta boxes
+# ---------------------------------------------------------------------------------------------
+_SCALES = ("uniform", "log-uniform")
+
+
+def sample_etas(
+    family: ExponentialFamily,
+    *,
+    key: Array,
+    low: Sequence[float] | Array,
+    high: Sequence[float] | Array,
+    num: int,
+    scale: str | Sequence[str] = "uniform",
+) -> np.ndarray:
+    """``num`` etas in the box [low, high] (arrays of shape (stat_dim,)), float64 (num, stat_dim).
+
+    ``scale`` ("uniform", "log-uniform", or one per coordinate): uniform draws eta_i ~ U(low_i,
+    high_i); log-uniform draws log|eta_i| ~ U(log|low_i|, log|high_i|) and needs bounds of one
+    sign (for a negative box, |eta_i| is log-uniform and the sign is kept). Coordinates with
+    low_i == high_i are fixed. Raises :class:`OutOfDomainError` (naming the family and its
+    natural domain) if the box corners or the sampled points leave the natural domain.
+    """
+    dim = family.stat_dim
+    low = np.asarray(low, dtype=np.float64)
+    high = np.asarray(high, dtype=np.float64)
+    for name, bound in (("low", low), ("high", high)):
+        if bound.shape != (dim,):
+            raise ValueError(
+                f"{family.name}: {name} must have shape ({dim},) (statistics "
+                f"{family.stat_labels}), got {bound.shape}"
+            )
+        if not np.all(np.isfinite(bound)):
+            raise ValueError(f"{family.name}: {name} must be finite, got {bound.tolist()}")
+    if np.any(low > high):
+        raise ValueError(f"{family.name}: need low <= high, got low={low.tolist()}, "
+                         f"high={high.tolist()}")
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
+        raise ValueError(f"num must be a positive integer, got {num!r}")
+    scales = [scale] * dim if isinstance(scale, str) else list(scale)
+    if len(scales) != dim:
+        raise ValueError(f"{family.name}: scale needs one entry per statistic ({dim}), "
+                         f"got {len(scales)}")
+    for i, s in enumerate(scales):
+        if s not in _SCALES:
+            raise ValueError(f"scale must be one of {_SCALES}, got {s!r}")
+        if s == "log-uniform" and not (low[i] > 0 or high[i] < 0):
+            raise ValueError(
+                f"{family.name}: log-uniform scale for {family.stat_labels[i]!r} needs bounds "
+                f"of one sign (both > 0 or both < 0), got [{low[i]}, {high[i]}]"
+            )
+    log_mask = np.array([s == "log-uniform" for s in scales])
+
+    def describe():
+        domain = family.natural_constraint
+        return domain.description if domain is not None else "all finite eta"
+
+    # the corners of the box (only where cheap: at most 2^12 of them)
+    if dim <= 12:
+        corners = np.array(np.meshgrid(*zip(low, high, strict=True), indexing="ij"))
+        corners = corners.reshape(dim, -1).T
+        inside = np.asarray(family.in_domain(jnp.asarray(corners)))
+        if not inside.all():
+            raise OutOfDomainError(
+                f"{family.name}: the eta box low={low.tolist()}, high={high.tolist()} is not "
+                f"inside the natural domain ({describe()}); e.g. the corner "
+                f"{corners[~inside][0].tolist()} is outside"
+            )
+
+    u = np.asarray(jax.random.uniform(_as_key(key), (num, dim), dtype=jnp.float32))
+    u = u.astype(np.float64)
+    sign = np.where(high < 0, -1.0, 1.0)
+    with np.errstate(divide="ignore"):
+        log_lo = np.where(log_mask, np.log(np.abs(np.where(sign < 0, high, low))), 0.0)
+        log_hi = np.where(log_mask, np.log(np.abs(np.where(sign < 0, low, high))), 0.0)
+    etas_uniform = low + u * (high - low)
+    etas_log = sign * np.exp(log_lo + u * (log_hi - log_lo))
+    etas = np.where(log_mask, etas_log, etas_uniform)
+    etas = np.clip(etas, low, high)  # rounding in exp/log must not leave the box
+    inside = np.asarray(family.in_domain(jnp.asarray(etas)))
+    if not inside.all():
+        raise OutOfDomainError(
+            f"{family.name}: {int((~inside).sum())} of {num} etas sampled from the box "
+            f"low={low.tolist()}, high={high.tolist()} are outside the natural domain "
+            f"({describe()}); e.g. eta = {etas[~inside][0].tolist()}"
+        )
+    return etas
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset generation
+# ---------------------------------------------------------------------------------------------
+_CHUNK_ARRAYS = ("mean", "cov", "ess_bulk", "ess_tail", "rhat", "mcse", "divergences",
+                 "num_samples", "retries", "passed")
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("numpyro-nnef")
+    except Exception:  # pragma: no cover - not installed
+        return "unknown"
+
+
+def _family_description(family: ExponentialFamily) -> dict[str, Any]:
+    domain = family.natural_constraint
+    return {
+        "name": family.name,
+        "class": f"{type(family).__module__}.{type(family).__qualname__}",
+        "repr": repr(family),
+        "event_shape": list(family.event_shape),
+        "support": repr(family.support),
+        "natural_domain": domain.description if domain is not None else "all finite eta",
+        "stat_labels": list(family.stat_labels),
+        "stat_shapes": {k: list(v) for k, v in family.stat_shapes.items()},
+    }
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
+    """Write via ``write(fileobj)`` into a temporary file next to ``path``, then os.replace."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class _Checkpoint:
+    """A directory of finished chunks (``chunk_00000.npz``) plus ``manifest.json``."""
+
+    def __init__(self, directory, fingerprint: str, description: dict):
+        self.directory = Path(directory)
+        self.fingerprint = fingerprint
+        self.directory.mkdir(parents=True, exist_ok=True)
+        manifest = self.directory / "manifest.json"
+        if manifest.exists():
+            try:
+                found = json.loads(manifest.read_text())
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"checkpoint directory {str(self.directory)!r}: unreadable manifest.json "
+                    f"({err}); use another directory"
+                ) from err
+            if not isinstance(found, dict) or found.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError(
+                    f"checkpoint directory {str(self.directory)!r} does not hold "
+                    "generate_dataset checkpoints; use another directory"
+                )
+            if found.get("fingerprint") != fingerprint:
+                old = found.get("run", {})
+                diff = sorted(k for k in set(old) | set(description)
+                              if old.get(k) != description.get(k))
+                raise ValueError(
+                    f"checkpoint directory {str(self.directory)!r} belongs to a different run "
+                    f"(differs in: {', '.join(diff) or 'fingerprint'}); use another directory "
+                    "or the same family, etas, key and sampler settings"
+                )
+        else:
+            text = json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                               "fingerprint": fingerprint, "run": description}, indent=1)
+            _atomic_write_bytes(manifest, lambda f: f.write(text.encode()))
+
+    def path(self, index: int) -> Path:
+        return self.directory / f"chunk_{index:05d}.npz"
+
+    def load(self, index: int, eta: np.ndarray) -> dict[str, np.ndarray] | None:
+        path = self.path(index)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except Exception as err:
+            warnings.warn(f"ignoring unreadable checkpoint chunk {path} ({err}); recomputing",
+                          stacklevel=3)
+            return None
+        if (str(data.get("fingerprint", "")) != self.fingerprint
+                or data.get("eta", np.empty(0)).shape != eta.shape
+                or not np.array_equal(data["eta"], eta)):
+            raise ValueError(
+                f"checkpoint chunk {str(path)!r} does not match this run's etas and settings; "
+                "use another checkpoint directory"
+            )
+        missing = [k for k in _CHUNK_ARRAYS if k not in data]
+        if missing:
+            raise ValueError(f"checkpoint chunk {str(path)!r} lacks arrays {missing}")
+        return {k: data[k] for k in _CHUNK_ARRAYS}
+
+    def save(self, index: int, eta: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        payload = dict(arrays, eta=eta, fingerprint=np.array(self.fingerprint))
+        _atomic_write_bytes(self.path(index), lambda f: np.savez(f, **payload))
+
+
+def _bucket(n: int, cap: int) -> int:
+    """Batch size for a retry of n points: next power of two, at most ``cap`` (few compiles)."""
+    return min(cap, 1 << max(0, (n - 1).bit_length()))
+
+
+def generate_dataset(
+    family: ExponentialFamily,
+    etas: Array,
+    *,
+    key: Array,
+    num_chains: int = 4,
+    num_warmup: int = 500,
+    num_samples: int = 1000,
+    chunk_size: int = 50,
+    checkpoint_dir: str | os.PathLike | None = None,
+    max_retries: int = 2,
+    min_ess: float = 400,
+    max_rhat: float = 1.01,
+    target_acceptance_rate: float = 0.8,
+    progress: bool = True,
+    callback: Callable[[int, int, int], None] | None = None,
+) -> ExpectationDataset:
+    """NUTS estimates of mu(eta) = E[T(x) | eta] and Cov[T(x) | eta] for each row of ``etas``.
+
+    ``etas`` (N, stat_dim) must lie in the natural domain (else :class:`OutOfDomainError`) and T
+    must be finite on the support (else ValueError). Work runs chunk by chunk (``chunk_size``
+    etas, vectorised, sharded over local devices). A point fails if some statistic has r_hat >
+    ``max_rhat`` or ess_bulk/ess_tail < ``min_ess``, or there was a divergence; failing points are
+    re-run for the same eta with num_samples and num_warmup doubled, up to ``max_retries``
+    times, and flagged ``passed=False`` if they still fail. With ``checkpoint_dir`` each
+    finished chunk is written atomically and a rerun with the same arguments resumes from
+    them. ``callback(chunk_index, points_done, num_points)`` is called after each chunk.
+    """
+    key = _as_key(key)
+    _check_settings(num_chains, num_warmup, num_samples)
+    for name, value, least in (("chunk_size", chunk_size, 1), ("max_retries", max_retries, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    etas_np = np.asarray(etas, dtype=np.float64)
+    if etas_np.ndim != 2 or etas_np.shape[1] != family.stat_dim or etas_np.shape[0] == 0:
+        raise ValueError(
+            f"{family.name}: etas must have shape (N, {family.stat_dim}) with N >= 1 "
+            f"(statistics {family.stat_labels}), got {etas_np.shape}"
+        )
+    family.validate_natural(jnp.asarray(etas_np))
+    family.check_statistics(jax.random.fold_in(key, 1))
+
+    num_points = etas_np.shape[0]
+    settings = {
+        "sampler": "blackjax.nuts+window_adaptation",
+        "num_chains": int(num_chains), "num_warmup": int(num_warmup),
+        "num_samples": int(num_samples), "chunk_size": int(chunk_size),
+        "max_retries": int(max_retries), "min_ess": float(min_ess),
+        "max_rhat": float(max_rhat), "target_acceptance_rate": float(target_acceptance_rate),
+        "unconstrained": "numpyro biject_to(support) with log|det J|",
+    }
+    key_info = {"impl": str(jax.random.key_impl(key)),
+                "data": np.asarray(jax.random.key_data(key)).tolist()}
+    run_description = {
+        "family": family.name, "stat_labels": list(family.stat_labels),
+        "num_points": num_points,
+        "etas_sha256": hashlib.sha256(np.ascontiguousarray(etas_np).tobytes()).hexdigest(),
+        "key": key_info, "settings": settings,
+        "x64": bool(jax.config.jax_enable_x64),
+    }
+    fingerprint = hashlib.sha256(
+        json.dumps(run_description, sort_keys=True).encode()
+    ).hexdigest()
+    checkpoint = (_Checkpoint(checkpoint_dir, fingerprint, run_description)
+                  if checkpoint_dir is not None else None)
+
+    jax_etas = _float_etas(family, etas_np)
+    all_keys = _point_keys(key, np.arange(num_points))
+    num_devices = len(jax.local_devices())
+    batch = -(-min(chunk_size, num_points) // num_devices) * num_devices
+    run_kwargs = dict(num_chains=num_chains, target_acceptance_rate=target_acceptance_rate,
+                      return_x=False)
+    starts = list(range(0, num_points, chunk_size))
+
+    def dispatch(c):
+        """Start chunk c's first attempt (JAX dispatches asynchronously), or load it from disk."""
+        lo, hi = starts[c], min(starts[c] + chunk_size, num_points)
+        if checkpoint is not None:
+            done = checkpoint.load(c, etas_np[lo:hi])
+            if done is not None:
+                return ("done", done)
+        draws = _run_flat(family, jax_etas[lo:hi], _attempt_keys(all_keys[lo:hi], 0),
+                          num_warmup=num_warmup, num_samples=num_samples,
+                          batch_size=batch, **run_kwargs)
+        return ("running", draws)
+
+    def finish(c, pending):
+        kind, value = pending
+        if kind == "done":
+            return value
+        lo, hi = starts[c], min(starts[c] + chunk_size, num_points)
+        out = compute_diagnostics(value.statistics, value.divergences)
+        out.update(num_samples=np.full(hi - lo, num_samples, np.int64),
+                   retries=np.zeros(hi - lo, np.int64))
+        passed = passes_diagnostics(out, min_ess=min_ess, max_rhat=max_rhat)
+        for attempt in range(1, max_retries + 1):
+            failing = np.flatnonzero(~passed)
+            if failing.size == 0:
+                break
+            factor = 2 ** attempt
+            idx = lo + failing
+            draws = _run_flat(family, jax_etas[idx], _attempt_keys(all_keys[idx], attempt),
+                              num_warmup=num_warmup * factor, num_samples=num_samples * factor,
+                              batch_size=_bucket(failing.size, batch), **run_kwargs)
+            again = compute_diagnostics(draws.statistics, draws.divergences)
+            for name, value in again.items():
+                out[name][failing] = value
+            out["num_samples"][failing] = num_samples * factor
+            out["retries"][failing] = attempt
+            passed[failing] = passes_diagnostics(again, min_ess=min_ess, max_rhat=max_rhat)
+        out["passed"] = passed
+        if checkpoint is not None:
+            checkpoint.save(c, etas_np[lo:hi], out)
+        return out
+
+    from tqdm.auto import tqdm
+
+    results: list[dict[str, np.ndarray]] = []
+    failed = 0
+    with tqdm(total=num_points, disable=not progress, unit="eta",
+              desc=f"NUTS {family.name}") as bar:
+        pending = dispatch(0)
+        for c in range(len(starts)):
+            following = dispatch(c + 1) if c + 1 < len(starts) else None  # overlap host work
+            out = finish(c, pending)
+            pending = following
+            results.append(out)
+            failed += int((~out["passed"]).sum())
+            bar.update(len(out["passed"]))
+            bar.set_postfix(failed=failed)
+            if callback is not None:
+                callback(c, starts[c] + len(out["passed"]), num_points)
+
+    arrays = {k: np.concatenate([r[k] for r in results]) for k in _CHUNK_ARRAYS}
+    metadata = {
+        "sampler": settings,
+        "key": key_info,
+        "package_version": _package_version(),
+        "family": _family_description(family),
+        "versions": {"jax": jax.__version__, "blackjax": blackjax.__version__,
+                     "numpy": np.__version__},
+        "num_devices": num_devices,
+        "x64": bool(jax.config.jax_enable_x64),
+    }
+    return ExpectationDataset(
+        family_name=family.name, stat_labels=tuple(family.stat_labels), eta=etas_np,
+        metadata=metadata, **arrays,
+    )
