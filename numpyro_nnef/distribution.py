@@ -63,10 +63,8 @@ class EFDistribution(Distribution):
         self.num_warmup = num_warmup
         super().__init__(eta.shape[:-1], family.event_shape, validate_args=validate_args)
 
-    @property
-    def arg_constraints(self) -> dict[str, constraints.Constraint]:
-        domain = self.family.natural_constraint
-        return {"eta": constraints.real_vector if domain is None else domain}
+    # eta's natural domain depends on the family: validate_args below checks it.
+    arg_constraints = {"eta": constraints.real_vector}
 
     @property
     def support(self) -> constraints.Constraint:

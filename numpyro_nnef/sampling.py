@@ -77,13 +77,16 @@ def unconstrained_log_density(family: ExponentialFamily, eta: Array
 
     u -> eta . T(f(u)) + log h(f(u)) + log|det J_f(u)|,  f = ``biject_to(family.support)``,
     for one unconstrained point u of shape ``f.inverse_shape(event_shape)``.
+    Where f(u) rounds onto the edge of a bounded support (|u| large in float arithmetic) the
+    value can be NaN or +inf; it is mapped to -inf so that chains are never drawn there.
     """
     transform = biject_to(family.support)
 
     def logdensity(u):
         x = transform(u)
         log_det = jnp.sum(transform.log_abs_det_jacobian(u, x))
-        return family.unnormalized_log_prob(eta, x) + log_det
+        value = family.unnormalized_log_prob(eta, x) + log_det
+        return jnp.where(jnp.isnan(value) | (value == jnp.inf), -jnp.inf, value)
 
     return logdensity
 

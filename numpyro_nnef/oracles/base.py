@@ -7,6 +7,9 @@ and the inverse minimises the convex A(eta) - eta . mu by damped Newton steps.
 
 from __future__ import annotations
 
+import warnings
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -47,30 +50,51 @@ class Oracle:
     # ---------------------------------------------------------------- batched
     def log_partition(self, eta: Array) -> Array:
         """A(eta) = log int h(x) exp(eta . T(x)) dx; shape ``batch``."""
-        return map_over_batch(self.log_partition_single, self._eta(eta))
+        return self._batched("log_partition_single", eta)
 
     def mean(self, eta: Array) -> Array:
         """E[T(x) | eta] = grad A(eta); shape ``batch + (stat_dim,)``."""
-        return map_over_batch(self.mean_single, self._eta(eta))
+        return self._batched("mean_single", eta)
 
     def covariance(self, eta: Array) -> Array:
         """Cov[T(x) | eta] = Hessian A(eta); shape ``batch + (stat_dim, stat_dim)``."""
-        return map_over_batch(self.covariance_single, self._eta(eta))
+        return self._batched("covariance_single", eta)
+
+    def _batched(self, method: str, eta: Array) -> Array:
+        """Map ``method`` over the batch of eta, compiled once per oracle, method and shape."""
+        compiled = self.__dict__.setdefault("_compiled", {})
+        if method not in compiled:
+            compiled[method] = jax.jit(partial(map_over_batch, getattr(self, method)))
+        return compiled[method](self._eta(eta))
 
     def natural_from_mean(self, mu: Array, *, init: Array | None = None,
                           max_steps: int = 100, tol: float = 1e-9) -> Array:
-        """eta with E[T | eta] = mu: argmin over the natural domain of A(eta) - eta . mu."""
+        """eta with E[T | eta] = mu: argmin over the natural domain of A(eta) - eta . mu.
+
+        Newton starts at ``init``, else at ``family.natural_init_from_mean(mu)`` when the family
+        provides a moment-matched guess, else at a fixed feasible point. Outside jit, a warning
+        names the points where Newton did not converge.
+        """
         mu = self.family._check_eta(mu)
         if init is None:
-            init = self.default_init()
+            guess = getattr(self.family, "natural_init_from_mean", None)
+            init = self.default_init() if guess is None else map_over_batch(guess, mu)
         init = jnp.broadcast_to(jnp.asarray(init, mu.dtype), mu.shape)
         pair = jnp.stack([mu, init], axis=-2)
-        return map_over_batch(
+        eta, converged = map_over_batch(
             lambda p: self.natural_from_mean_single(p[0], p[1], max_steps, tol), pair, 2
         )
+        if not isinstance(converged, jax.core.Tracer) and not bool(jnp.all(converged)):
+            warnings.warn(
+                f"{self!r}.natural_from_mean: Newton did not converge for "
+                f"{int((~converged).sum())} of {converged.size} mean(s); the closest eta found "
+                f"is returned", RuntimeWarning, stacklevel=2,
+            )
+        return eta
 
     def natural_from_mean_single(self, mu: Array, init: Array, max_steps: int = 100,
-                                 tol: float = 1e-9) -> Array:
+                                 tol: float = 1e-9) -> tuple[Array, Array]:
+        """(eta, converged) for one flat mu."""
         return newton_natural_from_mean(self, mu, init, max_steps, tol)
 
     def default_init(self) -> Array:
@@ -87,11 +111,12 @@ class Oracle:
 
 
 def newton_natural_from_mean(oracle: Oracle, mu: Array, init: Array, max_steps: int,
-                             tol: float) -> Array:
-    """Damped Newton on f(eta) = A(eta) - eta . mu with Cov[T] as Hessian.
+                             tol: float) -> tuple[Array, Array]:
+    """Damped Newton on f(eta) = A(eta) - eta . mu with Cov[T] as Hessian; (eta, converged).
 
     Backtracking halves the step until the new eta is inside the natural domain and f does not
-    increase, so every iterate stays in the domain.
+    increase, so every iterate stays in the domain. When the domain cuts a Newton step short, a
+    Cauchy (steepest-descent) step is tried as well and the better one is kept.
     """
     family = oracle.family
     dim = family.stat_dim
@@ -102,12 +127,9 @@ def newton_natural_from_mean(oracle: Oracle, mu: Array, init: Array, max_steps: 
     def inside(eta):
         return family.in_domain(eta[None])[0] & jnp.isfinite(objective(eta))
 
-    def step(carry):
-        eta, value, _, i = carry
-        grad = oracle.mean_single(eta) - mu
-        hess = oracle.covariance_single(eta)
-        scale = jnp.maximum(jnp.trace(hess) / dim, 1e-12)
-        direction = jnp.linalg.solve(hess + 1e-10 * scale * jnp.eye(dim), grad)
+    def line_search(eta, value, direction):
+        def acceptable(t, new_value):
+            return inside(eta - t * direction) & (new_value <= value + 1e-12 * jnp.abs(value))
 
         def shrink(state):
             t, _ = state
@@ -115,27 +137,41 @@ def newton_natural_from_mean(oracle: Oracle, mu: Array, init: Array, max_steps: 
 
         def keep_shrinking(state):
             t, new_value = state
-            candidate = eta - t * direction
-            ok = inside(candidate) & (new_value <= value + 1e-12 * jnp.abs(value))
-            return (~ok) & (t > 1e-10)
+            return ~acceptable(t, new_value) & (t > 1e-10)
 
         t, new_value = jax.lax.while_loop(
             keep_shrinking, shrink, (jnp.asarray(1.0, eta.dtype), objective(eta - direction))
         )
-        new_eta = eta - t * direction
-        accepted = inside(new_eta) & jnp.isfinite(new_value)
-        new_eta = jnp.where(accepted, new_eta, eta)
-        new_value = jnp.where(accepted, new_value, value)
-        gnorm = jnp.max(jnp.abs(grad))
-        return new_eta, new_value, jnp.where(accepted, gnorm, 0.0), i + 1
+        ok = acceptable(t, new_value) & jnp.isfinite(new_value)
+        return jnp.where(ok, eta - t * direction, eta), jnp.where(ok, new_value, value), t, ok
+
+    def step(carry):
+        eta, value, _, i, _ = carry
+        grad = oracle.mean_single(eta) - mu
+        hess = oracle.covariance_single(eta)
+        scale = jnp.maximum(jnp.trace(hess) / dim, 1e-12)
+        newton = jnp.linalg.solve(hess + 1e-10 * scale * jnp.eye(dim), grad)
+        n_eta, n_value, t, n_ok = line_search(eta, value, newton)
+        cauchy = (grad @ grad) / jnp.maximum(grad @ hess @ grad, 1e-300) * grad
+        g_eta, g_value, _, g_ok = jax.lax.cond(
+            t < 0.25,
+            lambda: line_search(eta, value, cauchy),
+            lambda: (eta, value, jnp.asarray(0.0, eta.dtype), jnp.asarray(False)),
+        )
+        use_cauchy = g_ok & (g_value < n_value)
+        new_eta = jnp.where(use_cauchy, g_eta, n_eta)
+        new_value = jnp.where(use_cauchy, g_value, n_value)
+        return new_eta, new_value, jnp.max(jnp.abs(grad)), i + 1, ~(n_ok | g_ok)
 
     threshold = tol + 100 * jnp.finfo(mu.dtype).eps * (1.0 + jnp.max(jnp.abs(mu)))
 
     def not_done(carry):
-        _, _, gnorm, i = carry
-        return (gnorm > threshold) & (i < max_steps)
+        _, _, gnorm, i, stalled = carry
+        return (gnorm > threshold) & (i < max_steps) & ~stalled
 
     init = jnp.asarray(init, mu.dtype)
-    carry = (init, objective(init), jnp.asarray(jnp.inf, mu.dtype), 0)
-    eta, *_ = jax.lax.while_loop(not_done, step, carry)
-    return eta
+    carry = (init, objective(init), jnp.asarray(jnp.inf, mu.dtype), 0, jnp.asarray(False))
+    eta, _, _, _, _ = jax.lax.while_loop(not_done, step, carry)
+    residual = jnp.max(jnp.abs(oracle.mean_single(eta) - mu))
+    converged = residual <= jnp.maximum(threshold, 1e-6 * (1.0 + jnp.max(jnp.abs(mu))))
+    return eta, converged

@@ -1,0 +1,68 @@
+"""Execute every notebook in notebooks/ from start to end; any cell error fails the test.
+
+The kernel is this interpreter (``sys.executable``): a kernelspec pointing at it is written into a
+temporary directory, so nothing installed outside the virtual environment (a user-level
+``python3`` kernelspec, say) can redirect the notebooks to another Python. The notebooks carry
+their own assertions, so wrong numbers fail as well as exceptions.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+from ipykernel.kernelspec import write_kernel_spec  # noqa: E402
+from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
+from jupyter_client.manager import KernelManager  # noqa: E402
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+KERNEL_NAME = "numpyro-nnef-test"
+CELL_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def kernel_spec_manager(tmp_path_factory) -> KernelSpecManager:
+    """A kernelspec manager that knows one kernel only: ipykernel on sys.executable."""
+    kernels = tmp_path_factory.mktemp("kernels")
+    write_kernel_spec(kernels / KERNEL_NAME)
+    return KernelSpecManager(kernel_dirs=[str(kernels)], ensure_native_kernel=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_runs(path: Path, tmp_path: Path, kernel_spec_manager: KernelSpecManager):
+    nb = nbformat.read(path, as_version=4)
+    km = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=kernel_spec_manager)
+    client = nbclient.NotebookClient(
+        nb,
+        km=km,
+        kernel_name=KERNEL_NAME,
+        timeout=CELL_TIMEOUT_S,
+        allow_errors=False,
+        resources={"metadata": {"path": str(tmp_path)}},  # the kernel's working directory
+    )
+    env = dict(os.environ, MPLBACKEND="Agg", XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    client.execute(env=env)  # raises CellExecutionError naming the failing cell
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_committed_without_outputs(path: Path):
+    """Notebooks are kept without outputs so that diffs stay small."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    dirty = [i for i, cell in enumerate(nb.cells)
+             if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
+    assert not dirty, f"{path.name}: clear the outputs of cells {dirty}"
+
+
+def test_kernel_is_this_interpreter(kernel_spec_manager: KernelSpecManager):
+    spec = kernel_spec_manager.get_kernel_spec(KERNEL_NAME)
+    assert spec.argv[0] == sys.executable
