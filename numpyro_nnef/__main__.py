@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "dataset from the built-in configs/demo.toml, saved and checked against "
                     "the exact oracle.",
     )
-    demo.add_argument("--output", help="dataset path (.npz); default demo_dataset.npz")
+    demo.add_argument("--output", help="dataset path (.npz); default runs/demo/dataset.npz")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(handler=_generate, config=None, checkpoint_dir=None, seed=None)
     summ = sub.add_parser("summary", help="print the diagnostics of a saved dataset")
