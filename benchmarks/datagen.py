@@ -38,6 +38,10 @@ CASES = {
         lambda: families.MultivariateNormal(2),
         [-2.0, -2.0, -2.5, -0.3, -2.5], [2.0, 2.0, -0.25, 0.3, -0.25], "uniform",
     ),
+    # not in the issue: a wide range of scales, where one fixed step size cannot fit every eta
+    "Gaussian, sd in [0.01, 100]": (  # eta2 = -1/(2 sd^2) log-uniform, eta1 = loc / sd^2
+        families.Gaussian, [-0.01, -5000.0], [0.01, -5e-5], ["uniform", "log-uniform"],
+    ),
 }
 
 BASELINE = dict(num_chains=5, num_warmup=500, num_samples=1000, step_size=0.1, num_steps=10)

@@ -78,6 +78,9 @@ class ExponentialFamily:
     has_exact_sampler: bool = False
     # Points of x where T is not smooth (e.g. 0 for |x|); quadrature splits its panels there.
     breakpoints: tuple[float, ...] = ()
+    # Attributes that determine the family completely (opt-in): instances with equal values are
+    # equal and share compiled samplers. None (the default) means equal only to itself.
+    identity_attributes: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ to implement
     def statistics(self, x: Array) -> dict[str, Array]:
@@ -241,6 +244,18 @@ class ExponentialFamily:
                 f"{self.name}: x must have shape batch + {self.event_shape}, got {x.shape}"
             )
         return x
+
+    def cache_key(self) -> tuple:
+        """Hashable key; equal keys mean the same family (same T, h, support and domain)."""
+        if self.identity_attributes is None:
+            return (type(self), id(self))
+        return (type(self),) + tuple(getattr(self, a) for a in self.identity_attributes)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ExponentialFamily) and self.cache_key() == other.cache_key()
+
+    def __hash__(self) -> int:
+        return hash(self.cache_key())
 
     def __repr__(self) -> str:
         return (

@@ -125,3 +125,14 @@ def test_bad_user_arguments():
         nnef.ExponentialFamily.from_statistics("Bad", lambda x: x, support="real")
     with pytest.raises(TypeError, match="dict"):
         nnef.ExponentialFamily.from_statistics("Bad", lambda x: {})
+
+
+def test_equality_shares_identity_only_when_declared():
+    from numpyro_nnef import families
+
+    assert families.LaplaceProduct(1) == families.LaplaceProduct(1)
+    assert hash(families.LaplaceProduct(1)) == hash(families.LaplaceProduct(1))
+    assert families.LaplaceProduct(1) != families.LaplaceProduct(2)
+    assert families.Gamma() != families.Beta()
+    a, b = matrix_family(), matrix_family()
+    assert a == a and a != b  # user families: equal only to themselves

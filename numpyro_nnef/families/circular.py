@@ -22,6 +22,7 @@ class VonMises(ExponentialFamily):
     """
 
     name = "VonMises"
+    identity_attributes = ()
     event_shape = ()
     support = constraints.circular
     natural_constraint = whole_space(2)

@@ -19,6 +19,7 @@ class Gamma(ExponentialFamily):
     """
 
     name = "Gamma"
+    identity_attributes = ()
     event_shape = ()
     support = constraints.positive
     natural_constraint = NaturalDomain(
@@ -63,6 +64,7 @@ class Beta(ExponentialFamily):
     """
 
     name = "Beta"
+    identity_attributes = ()
     event_shape = ()
     support = constraints.unit_interval
     natural_constraint = NaturalDomain(

@@ -21,6 +21,7 @@ class Gaussian(ExponentialFamily):
     """
 
     name = "Gaussian"
+    identity_attributes = ()
     event_shape = ()
     support = constraints.real
     natural_constraint = NaturalDomain(
@@ -71,6 +72,7 @@ class MultivariateNormal(ExponentialFamily):
     """
 
     name = "MultivariateNormal"
+    identity_attributes = ("dim",)
     support = constraints.real_vector
     has_closed_form = True
     has_exact_sampler = True

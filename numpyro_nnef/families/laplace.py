@@ -42,6 +42,7 @@ class LaplaceProduct(ExponentialFamily):
     """
 
     name = "LaplaceProduct"
+    identity_attributes = ("dim",)
     support = constraints.real_vector
     has_closed_form = True
     has_exact_sampler = True

@@ -51,6 +51,7 @@ class RectifiedGaussian(ExponentialFamily):
     """
 
     name = "RectifiedGaussian"
+    identity_attributes = ()
     event_shape = ()
     support = constraints.nonnegative
     natural_constraint = _eta2_negative(1, "eta[x2]", [0.0, -0.5])
@@ -91,6 +92,7 @@ class GaussLaplace(ExponentialFamily):
     """
 
     name = "GaussLaplace"
+    identity_attributes = ()
     event_shape = ()
     support = constraints.real
     natural_constraint = _eta2_negative(1, "eta[x2]", [0.0, -0.5, -1.0])
