@@ -1,4 +1,4 @@
-"""NUTS data generation: eta -> (E[T(x)], Cov[T(x)]) with ArviZ diagnostics.
+"""NUTS data generation: eta -> (E[T(x)], Cov[T(x)]) with ArviZ-exact diagnostics.
 
 For each natural parameter eta, independent NUTS chains (BlackJAX window adaptation, then a scan
 of NUTS steps) target p(x | eta) ∝ h(x) exp(eta . T(x)) in unconstrained space: with
@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 from numpyro.distributions.transforms import biject_to
 
 from .dataset import ExpectationDataset
+from .diagnostics import ess_bulk, ess_tail, mcse_mean, rhat
 from .family import Array, ExponentialFamily, OutOfDomainError
 
 __all__ = [
@@ -135,16 +136,18 @@ def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_r
     return one_eta
 
 
+_SAMPLER_CACHE: dict[tuple, Callable] = {}
+
+
 def _batched_fn(family, settings: tuple, sharded: bool):
     """jit(vmap over eta [sharded over local devices]) of the per-eta sampler.
 
-    Cached on the family instance (like ``stat_shapes``), so repeated calls reuse the compiled
-    sampler and the cache dies with the family.
+    Cached per family (equal families share it, see ``ExponentialFamily.cache_key``) and
+    settings, so repeated calls and equal family instances reuse the compiled sampler.
     """
-    per_family = getattr(family, "__dict__", {}).setdefault("_nuts_sampler_cache", {})
     devices = tuple(jax.local_devices()) if sharded else None
-    cache_key = (settings, devices)
-    fn = per_family.get(cache_key)
+    cache_key = (family, settings, devices)  # holding the family keeps id-based keys unique
+    fn = _SAMPLER_CACHE.get(cache_key)
     if fn is None:
         fn = jax.vmap(_one_eta_fn(family, *settings))
         if sharded:
@@ -152,7 +155,7 @@ def _batched_fn(family, settings: tuple, sharded: bool):
             fn = jax.shard_map(fn, mesh=mesh, in_specs=(P("eta"), P("eta")), out_specs=P("eta"),
                                check_vma=False)
         fn = jax.jit(fn)
-        per_family[cache_key] = fn
+        _SAMPLER_CACHE[cache_key] = fn
     return fn
 
 
@@ -289,22 +292,15 @@ def sample_family(
 # ---------------------------------------------------------------------------------------------
 # diagnostics
 # ---------------------------------------------------------------------------------------------
-def _arviz():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz
-
-    return arviz
-
-
 def compute_diagnostics(statistics, divergences=None) -> dict[str, np.ndarray]:
     """Per-eta, per-statistic diagnostics of draws of shape ``(n_eta, chain, draw, stat_dim)``.
 
     Returns float64/int64 numpy arrays: ``mean`` (n, D) and ``cov`` (n, D, D) pooled over chains
-    (cov with ddof=1), ArviZ ``ess_bulk``, ``ess_tail`` (``az.ess(method='bulk'/'tail')``),
-    ``rhat`` (``az.rhat``, rank-normalised split R-hat) and ``mcse`` (``az.mcse`` of the mean),
-    each (n, D), and ``divergences`` (n,) (zeros if not given). ArviZ is called once per
-    diagnostic for all etas and statistics together.
+    (cov with ddof=1), ``ess_bulk``, ``ess_tail`` (``az.ess(method='bulk'/'tail')``), ``rhat``
+    (``az.rhat``, rank-normalised split R-hat) and ``mcse`` (``az.mcse`` of the mean), each
+    (n, D), and ``divergences`` (n,) (zeros if not given). The four ArviZ diagnostics come from
+    :mod:`numpyro_nnef.diagnostics`, a vectorised NumPy port that matches ArviZ 0.23 to float
+    rounding, for all etas and statistics at once.
     """
     draws = np.asarray(statistics, dtype=np.float64)
     if draws.ndim != 4:
@@ -314,23 +310,16 @@ def compute_diagnostics(statistics, divergences=None) -> dict[str, np.ndarray]:
     mean = flat.mean(axis=1)
     centred = flat - mean[:, None, :]
     cov = np.einsum("nsi,nsj->nij", centred, centred) / max(chains * num_draws - 1, 1)
-    az = _arviz()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dataset = az.convert_to_dataset({"T": np.moveaxis(draws, 0, 2)})  # (chain, draw, n, D)
-        ess_bulk = az.ess(dataset, method="bulk")["T"].values
-        ess_tail = az.ess(dataset, method="tail")["T"].values
-        rhat = az.rhat(dataset)["T"].values
-        mcse = az.mcse(dataset, method="mean")["T"].values
+    per_chain = np.moveaxis(draws, 0, 2)  # (chain, draw, n, D)
     if divergences is None:
         divergences = np.zeros(n, np.int64)
     return {
         "mean": mean,
         "cov": cov,
-        "ess_bulk": np.array(ess_bulk, np.float64).reshape(n, dim),
-        "ess_tail": np.array(ess_tail, np.float64).reshape(n, dim),
-        "rhat": np.array(rhat, np.float64).reshape(n, dim),
-        "mcse": np.array(mcse, np.float64).reshape(n, dim),
+        "ess_bulk": ess_bulk(per_chain),
+        "ess_tail": ess_tail(per_chain),
+        "rhat": rhat(per_chain),
+        "mcse": mcse_mean(per_chain),
         "divergences": np.array(divergences, np.int64).reshape(n),
     }
 

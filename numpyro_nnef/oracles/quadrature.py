@@ -12,12 +12,13 @@ of length 2 pi centred on the mode.
 Per eta, everything in JAX with static shapes (jit/vmap-able):
 
 1. Locate: g on a coarse sinh-spaced grid covering u in [-L, L]; keep the hull of the points
-   with g > max g - ``log_threshold`` (one grid step of margin), then refine the window a few
-   times on uniform grids. These limits carry ``stop_gradient``: the integral does not depend on
-   them to working precision.
-2. Integrate: composite Gauss-Legendre on panels whose boundaries equidistribute
-   (length / window length + |dg| / total variation of g) over the last grid, plus panel
-   boundaries at ``family.breakpoints`` (mapped into u) so kinks of T lie on panel edges.
+   with g > max g - ``log_threshold`` (one grid step of margin), and re-locate it on uniform
+   grids over that window until the window is resolved (it spans half the grid). The window
+   carries ``stop_gradient``: the integral does not depend on it to working precision.
+2. Integrate: composite Gauss-Legendre on panels whose boundaries equidistribute, over the last
+   grid, the sum of four normalised shares (length, variation |dg|, probability mass and
+   curvature sqrt|d2g|), plus panel boundaries at ``family.breakpoints`` (mapped into u) so that
+   kinks of T lie on panel edges.
 
 With nodes u_i and log weights log w_i: A = logsumexp(g(u_i) + log w_i); the normalised weights
 p_i = softmax(g_i + log w_i) give E[T] = sum p_i T_i and Cov[T] = sum p_i (T_i - E T)(T_i - E T)^T
@@ -35,7 +36,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import IdentityTransform, biject_to
 
 from ..family import Array, ExponentialFamily
-from .base import Oracle, map_over_batch
+from .base import Oracle
 
 __all__ = ["QuadratureOracle"]
 
@@ -47,249 +48,304 @@ def _wrap(x: Array) -> Array:
     return jnp.mod(x + np.pi, _TWO_PI) - np.pi
 
 
-def _window(u: Array, g: Array, threshold: float) -> tuple[Array, Array, Array, Array]:
-    """Indices (lo, hi) of the hull of {g > max g - threshold}, widened by one grid point.
+def _window(g: Array, threshold: float) -> tuple[Array, Array]:
+    """Grid indices (lo, hi) of the hull of {g >= max g - threshold}, widened by one point.
 
-    Returns (lo, hi, gmax, touches_end) where touches_end says the set reaches an end of the grid.
+    (min/max of masked indices: the same as argmax of the mask, and quicker to compile.)
     """
     size = g.shape[0]
-    gmax = jnp.max(g)
-    above = g > gmax - threshold
-    first = jnp.argmax(above)
-    last = size - 1 - jnp.argmax(above[::-1])
-    any_above = jnp.any(above)
-    first = jnp.where(any_above, first, 0)
-    last = jnp.where(any_above, last, size - 1)
-    touches_end = above[0] | above[-1]
-    return jnp.maximum(first - 1, 0), jnp.minimum(last + 1, size - 1), gmax, touches_end
+    idx = jnp.arange(size)
+    above = g >= jnp.max(g) - threshold
+    first = jnp.min(jnp.where(above, idx, size - 1))
+    last = jnp.max(jnp.where(above, idx, 0))
+    empty = first > last  # only if g is NaN everywhere: keep the whole grid
+    return (jnp.where(empty, 0, jnp.maximum(first - 1, 0)),
+            jnp.where(empty, size - 1, jnp.minimum(last + 1, size - 1)))
+
+
+def _interp(x: Array, xp: Array, fp: Array) -> Array:
+    """Piecewise-linear interpolation for increasing xp (small sizes: compares all pairs, which
+    compiles much faster than jnp.interp's search)."""
+    i = jnp.clip(jnp.sum(xp[None, :] <= x[:, None], axis=1) - 1, 0, xp.shape[0] - 2)
+    x0, x1, f0, f1 = xp[i], xp[i + 1], fp[i], fp[i + 1]
+    t = jnp.clip((x - x0) / jnp.where(x1 > x0, x1 - x0, 1.0), 0.0, 1.0)
+    return f0 + t * (f1 - f0)
 
 
 class QuadratureOracle(Oracle):
     """Expectation oracle by adaptive composite Gauss-Legendre quadrature (scalar x only).
 
     Args:
-      family: an ExponentialFamily with ``event_shape == ()``.
-      num_panels: Gauss-Legendre panels placed by equidistribution (breakpoints add more).
+      family: an ExponentialFamily with a scalar x: ``event_shape`` () (or (1,) with an
+        independent support such as ``real_vector``).
+      num_panels: Gauss-Legendre panels placed by equidistribution (each breakpoint adds one).
       nodes_per_panel: Gauss-Legendre nodes per panel.
-      coarse_points: size of the first, sinh-spaced search grid.
+      coarse_points: size of the first search grid (sinh-spaced; uniform on the circle).
       refine_points: size of each uniform refinement grid.
-      num_refinements: how many times the window is re-located on a uniform grid.
-      log_threshold: the window keeps u where g(u) > max g - log_threshold
-        (the neglected mass is about exp(-log_threshold) relative to the peak).
-      coarse_limit: the search grid covers u in [-coarse_limit, coarse_limit] (700 keeps exp(u)
-        finite in float64).
-      coarse_scale: grid spacing near u = 0 is about coarse_scale * asinh(L / scale) * 2 /
-        coarse_points; points are scale * sinh(t) for uniform t.
+      max_refinements: at most this many refinements; they stop once the window spans at least
+        half of its grid (one refinement always runs).
+      log_threshold: the window keeps u where g(u) > max g - log_threshold; the neglected mass is
+        about exp(-log_threshold) relative to the peak.
+      coarse_limit: the search grid covers u in [-coarse_limit, coarse_limit]; default 1e8 on the
+        real line and 700 through exp/sigmoid transforms (exp(+-700) is finite in float64; in
+        float32 the limit becomes 84).
+      coarse_scale: search points are coarse_scale * sinh(t) for uniform t.
 
-    Where the integrand is not negligible at the ends of the search grid (eta outside the natural
-    domain, or tails too heavy to integrate to working precision), log_partition is +inf and the
-    moments are NaN.
+    Where the integrand does not decay at an end of the search grid (eta outside the natural
+    domain), log_partition is +inf and the moments are NaN. Tails too heavy to fit in the search
+    grid are truncated there.
     """
+
+    # Weights of (length, variation, mass, curvature) in the panel equidistribution.
+    _monitor_weights = (1.0, 1.0, 1.0, 1.0)
 
     def __init__(
         self,
         family: ExponentialFamily,
         *,
         num_panels: int = 16,
-        nodes_per_panel: int = 12,
+        nodes_per_panel: int = 10,
         coarse_points: int = 128,
         refine_points: int = 64,
-        min_refinements: int = 1,
         max_refinements: int = 12,
         log_threshold: float = 40.0,
         coarse_limit: float | None = None,
         coarse_scale: float = 1.0,
     ):
         super().__init__(family)
-        if tuple(family.event_shape) != ():
+        event_shape, support = tuple(family.event_shape), family.support
+        # A vector event of size one (e.g. LaplaceProduct(dim=1)) is integrated as a scalar.
+        self._unit_vector = event_shape == (1,)
+        if self._unit_vector and isinstance(support, constraints.independent) and (
+                support.reinterpreted_batch_ndims == 1):
+            support = support.base_constraint
+        if event_shape not in ((), (1,)):
             raise ValueError(
                 f"QuadratureOracle integrates over a scalar x, but family {family.name!r} has "
-                f"event_shape {tuple(family.event_shape)}; use a sampling-based oracle for "
-                f"vector events"
+                f"event_shape {event_shape} (a vector event); quadrature over several "
+                f"dimensions is not supported, use a sampling-based oracle instead"
             )
-        support = family.support
         if getattr(support, "event_dim", 0) != 0:
             raise ValueError(
                 f"QuadratureOracle needs a scalar support, but family {family.name!r} has "
-                f"support {support} with event_dim {support.event_dim}"
+                f"support {family.support} with event_dim {family.support.event_dim}"
             )
+        self.scalar_support = support  # what x itself ranges over
         for name, value in (("num_panels", num_panels), ("nodes_per_panel", nodes_per_panel),
-                            ("coarse_points", coarse_points), ("refine_points", refine_points)):
-            if int(value) < 2:
-                raise ValueError(f"QuadratureOracle: {name} must be at least 2, got {value}")
-        if not 1 <= int(min_refinements) <= int(max_refinements):
-            raise ValueError(
-                f"QuadratureOracle: need 1 <= min_refinements <= max_refinements, got "
-                f"{min_refinements}, {max_refinements}"
-            )
+                            ("coarse_points", coarse_points), ("refine_points", refine_points),
+                            ("max_refinements", max_refinements)):
+            if int(value) < (1 if name == "max_refinements" else 2):
+                raise ValueError(f"QuadratureOracle: {name} is too small: {value}")
+        if not log_threshold > 0:
+            raise ValueError(f"QuadratureOracle: log_threshold must be > 0, got {log_threshold}")
         self.num_panels = int(num_panels)
         self.nodes_per_panel = int(nodes_per_panel)
         self.coarse_points = int(coarse_points)
         self.refine_points = int(refine_points)
-        self.min_refinements = int(min_refinements)
         self.max_refinements = int(max_refinements)
         self.log_threshold = float(log_threshold)
         self.coarse_scale = float(coarse_scale)
+        self._gl_x, self._gl_w = leggauss(self.nodes_per_panel)
 
-        self._mw = (1.0, 1.0, 1.0, 1.0)
-        self._alive_only = 1
         self.circular = isinstance(support, constraints._Circular)
-        gl_x, gl_w = leggauss(self.nodes_per_panel)
-        self._gl_x, self._gl_w = gl_x, gl_w
         breakpoints = np.asarray(family.breakpoints, dtype=np.float64).reshape(-1)
         if self.circular:
             self.transform = None
             self.coarse_limit = np.pi
-            # Kinks of T, and the seam at +-pi (T need not be smooth across it).
-            self._breakpoints = np.concatenate([_np_wrap(breakpoints), [-np.pi]])
-            self._coarse = np.linspace(-np.pi, np.pi, self.coarse_points)
+            # Kinks of T, and the seam at +-pi (T need not be smooth across it); in x.
+            self._breakpoints = np.unique(np.concatenate([_np_wrap(breakpoints), [-np.pi]]))
         else:
             self.transform = biject_to(support)
+            self._identity = isinstance(self.transform, IdentityTransform)
             if coarse_limit is None:
-                identity = isinstance(self.transform, IdentityTransform)
-                coarse_limit = 1e8 if identity else 700.0
+                coarse_limit = 1e8 if self._identity else 700.0
             self.coarse_limit = float(coarse_limit)
             with jax.ensure_compile_time_eval():
                 u_bp = np.asarray(self.transform.inv(jnp.asarray(breakpoints)), np.float64)
-            # Breakpoints outside the support (or on its boundary) map to non-finite u: drop.
+            # Breakpoints outside the support (or on its boundary) map to non-finite u: dropped.
             self._breakpoints = np.unique(u_bp[np.isfinite(u_bp)])
-            s = self.coarse_scale
-            t = np.linspace(-1.0, 1.0, self.coarse_points) * np.arcsinh(self.coarse_limit / s)
-            self._coarse = s * np.sinh(t)
 
     # ---------------------------------------------------------------- integrand
     def _log_integrand(self, eta: Array, u: Array, shift: Array) -> tuple[Array, Array]:
-        """(g(u), T(x(u))) with non-finite points given g = -inf and T = 0 (gradient-safe)."""
+        """(g(u), T(x(u))); points where T, log h or the Jacobian is not finite get g = -inf and
+        T = 0, so that neither values nor gradients pick up NaN there."""
         if self.circular:
             x = _wrap(u + shift)
             log_jac = jnp.zeros_like(u)
         else:
             x = self.transform(u)
             log_jac = self.transform.log_abs_det_jacobian(u, x)
-        t = self.family.sufficient_statistics(x).astype(u.dtype)
-        base = self.family.log_base_measure(x) + log_jac
+        x_event = x[:, None] if self._unit_vector else x
+        t = self.family.sufficient_statistics(x_event).astype(u.dtype)
+        base = (self.family.log_base_measure(x_event) + log_jac).astype(u.dtype)
         ok = jnp.all(jnp.isfinite(t), axis=-1) & jnp.isfinite(base)
         t = jnp.where(ok[:, None], t, 0.0)
-        g = jnp.where(ok, t @ eta + jnp.where(ok, base, 0.0), -jnp.inf)
-        g = jnp.where(jnp.isnan(g) | (g == jnp.inf), -jnp.inf, g)
+        g = jnp.sum(t * eta, axis=-1) + jnp.where(ok, base, 0.0)
+        g = jnp.where(ok & ~jnp.isnan(g) & (g < jnp.inf), g, -jnp.inf)
         return g, t
 
     # ---------------------------------------------------------------- nodes
     def nodes_single(self, eta: Array) -> tuple[Array, Array, Array, Array]:
         """Quadrature rule for one eta: (u nodes, log weights, shift, diverged).
 
-        ``shift`` is the circular window centre (0 otherwise); ``diverged`` flags an integrand
-        that is not negligible at the ends of the search grid. No gradient flows through these.
+        ``shift`` is the circular window centre (x = wrap(u + shift); 0 otherwise) and
+        ``diverged`` flags an integrand that does not decay at an end of the search grid.
+        Nothing here carries a gradient.
         """
         eta = jax.lax.stop_gradient(jnp.asarray(eta))
         dtype = eta.dtype
         thr = self.log_threshold
-        u = jnp.asarray(self._coarse, dtype)
+        u = jnp.asarray(self._search_grid(dtype), dtype)
         shift = jnp.zeros((), dtype)
         if self.circular:
             g, _ = self._log_integrand(eta, u, shift)
             shift = u[jnp.argmax(g)]  # centre the periodic window on the mode
         g, _ = self._log_integrand(eta, u, shift)
-        lo, hi, _, diverged = _window(u, g, thr)
-        if self.circular:
-            diverged = jnp.zeros((), bool)
+        lo, hi = _window(g, thr)
+        diverged = jnp.zeros((), bool)
+        if not self.circular:
+            # Not integrable as far as the grid can tell: near the max at an end, and not
+            # decreasing outwards there.
+            near = g >= jnp.max(g) - thr
+            diverged = (near[0] & (g[0] >= g[1])) | (near[-1] & (g[-1] >= g[-2]))
+
         def refine(carry):
             u, g, lo, hi, i = carry
             u = jnp.linspace(u[lo], u[hi], self.refine_points, dtype=dtype)
             g, _ = self._log_integrand(eta, u, shift)
-            lo, hi, _, _ = _window(u, g, thr)
+            lo, hi = _window(g, thr)
             return u, g, lo, hi, i + 1
 
         def unresolved(carry):
             _, _, lo, hi, i = carry
             coarse = (hi - lo + 1) < self.refine_points // 2
-            return (i < self.min_refinements) | (coarse & (i < self.max_refinements))
+            return (i == 0) | (coarse & (i < self.max_refinements))
 
-        # The first grid may be the sinh grid (a different size): do one pass unconditionally.
-        u, g, lo, hi, _ = refine((u, g, lo, hi, 0))
-        u, g, lo, hi, _ = jax.lax.while_loop(unresolved, refine, (u, g, lo, hi, 1))
+        if self.refine_points == self.coarse_points:
+            carry = (u, g, lo, hi, 0)
+        else:  # the search grid has another size than the refinement grids
+            carry = refine((u, g, lo, hi, 0))
+        u, g, lo, hi, _ = jax.lax.while_loop(unresolved, refine, carry)
         a, b = u[lo], u[hi]
 
-        # Equidistribute panel boundaries over the last (uniform) grid: each panel gets an equal
-        # share of length + variation |dg| + probability mass + curvature sqrt|d2g| h, each term
-        # normalised to sum to one over the window [a, b].
+        # Panel boundaries equidistribute, over the last (uniform) grid restricted to [a, b], the
+        # sum of four shares, each normalised to one: length (where g is above the threshold),
+        # variation |dg|, probability mass, and curvature sqrt|d2g| (in grid units).
         gmax = jnp.max(g)
         floor = gmax - thr - 10.0
         gc = jnp.clip(jnp.where(jnp.isfinite(g), g, floor), floor, gmax)
         idx = jnp.arange(u.shape[0] - 1)
         inside = ((idx >= lo) & (idx < hi)).astype(dtype)
         alive = jnp.maximum(gc[1:], gc[:-1]) > gmax - thr
-        length = inside * jnp.where(alive | (self._alive_only == 0), 1.0, 0.0)
-        variation = jnp.abs(jnp.diff(gc)) * inside
+        length = inside * alive
+        variation = inside * jnp.abs(jnp.diff(gc))
         density = jnp.exp(gc - gmax)
-        mass = (density[1:] + density[:-1]) * inside
+        mass = inside * (density[1:] + density[:-1])
         d2 = jnp.abs(jnp.diff(gc, 2))
-        d2 = jnp.concatenate([d2[:1], jnp.maximum(d2[1:], d2[:-1]), d2[-1:]])
-        curvature = jnp.sqrt(d2) * inside
-        inc = 1e-9 * inside  # keeps the cumulative strictly increasing inside the window
-        for weight, term in zip(self._mw, (length, variation, mass, curvature), strict=True):
-            inc = inc + weight * term / jnp.maximum(jnp.sum(term), jnp.finfo(dtype).tiny)
+        curvature = inside * jnp.sqrt(
+            jnp.concatenate([d2[:1], jnp.maximum(d2[1:], d2[:-1]), d2[-1:]])
+        )
+        terms = jnp.stack([length, variation, mass, curvature])
+        totals = jnp.maximum(jnp.sum(terms, axis=1, keepdims=True), jnp.finfo(dtype).tiny)
+        weights = jnp.asarray(self._monitor_weights, dtype)[:, None]
+        # (+ 1e-9 keeps the cumulative strictly increasing inside the window)
+        inc = jnp.sum(weights * terms / totals, axis=0) + 1e-9 * inside
         cum = jnp.concatenate([jnp.zeros((1,), dtype), jnp.cumsum(inc)])
         levels = jnp.linspace(0.0, 1.0, self.num_panels + 1, dtype=dtype) * cum[-1]
-        bounds = jnp.clip(jnp.interp(levels, cum, u), a, b)
+        bounds = jnp.clip(_interp(levels, cum, u), a, b)
         bounds = bounds.at[0].set(a).at[-1].set(b)
-        if self.circular:
-            bp = _wrap(jnp.asarray(self._breakpoints, dtype) - shift)
-        else:
+        if self._breakpoints.size:
             bp = jnp.asarray(self._breakpoints, dtype)
-        if bp.size:
+            if self.circular:
+                bp = _wrap(bp - shift)
+            # Breakpoints outside [a, b] give empty panels (zero weights).
             bounds = jnp.sort(jnp.concatenate([bounds, jnp.clip(bp, a, b)]))
 
         left, right = bounds[:-1], bounds[1:]
         half, mid = 0.5 * (right - left), 0.5 * (right + left)
         nodes = (mid[:, None] + half[:, None] * jnp.asarray(self._gl_x, dtype)).reshape(-1)
-        weights = (half[:, None] * jnp.asarray(self._gl_w, dtype)).reshape(-1)
-        log_w = jnp.log(weights)  # -inf on empty panels (breakpoints outside the window)
+        log_w = jnp.log(half[:, None] * jnp.asarray(self._gl_w, dtype)).reshape(-1)
         return nodes, log_w, shift, diverged
+
+    def _search_grid(self, dtype) -> np.ndarray:
+        """The first search grid: uniform on the circle, else coarse_scale * sinh(t) for uniform
+        t, out to coarse_limit (kept where exp(u) stays finite in ``dtype``)."""
+        if self.circular:
+            return np.linspace(-np.pi, np.pi, self.coarse_points)
+        limit = self.coarse_limit
+        if not self._identity:
+            limit = min(limit, 0.95 * float(np.log(np.finfo(dtype).max)))
+        s = self.coarse_scale
+        return s * np.sinh(np.linspace(-1.0, 1.0, self.coarse_points) * np.arcsinh(limit / s))
 
     @property
     def num_nodes(self) -> int:
-        """Integrand evaluations in the final Gauss-Legendre stage."""
+        """Integrand evaluations in the final Gauss-Legendre stage (the search adds
+        coarse_points + refine_points per refinement)."""
         return (self.num_panels + self._breakpoints.size) * self.nodes_per_panel
 
     # ---------------------------------------------------------------- per eta
     def log_partition_and_moments_single(self, eta: Array) -> tuple[Array, Array, Array]:
-        """(A(eta), E[T], Cov[T]) for one flat eta, from one set of integrand evaluations."""
+        """(A(eta), E[T], Cov[T]) for one flat eta, from one set of integrand evaluations.
+
+        A = logsumexp_i(g_i + log w_i); with p = softmax(g + log w), E[T] = sum_i p_i T_i and
+        Cov[T] = sum_i p_i (T_i - E T)(T_i - E T)^T.
+        """
         eta = jnp.asarray(eta)
         if not jnp.issubdtype(eta.dtype, jnp.floating):
             eta = eta.astype(jnp.result_type(float))
+        # One compiled program per oracle: programs that call A, E[T] and Cov[T] several times
+        # (Newton's inverse) trace and compile it once.
+        if "_moments_jit" not in self.__dict__:
+            self.__dict__["_moments_jit"] = jax.jit(self._log_partition_and_moments)
+        return self.__dict__["_moments_jit"](eta)
+
+    def _log_partition_and_moments(self, eta: Array) -> tuple[Array, Array, Array]:
         nodes, log_w, shift, diverged = self.nodes_single(eta)
         g, t = self._log_integrand(eta, nodes, shift)
         logits = g + log_w
         log_z = jax.nn.logsumexp(logits)
         p = jax.nn.softmax(logits)  # normalised by its own sum: exact even when |A| is huge
-        mean = p @ t
+        # elementwise sums rather than dots: same result, much faster to compile on CPU
+        mean = jnp.sum(p[:, None] * t, axis=0)
         centred = t - mean
-        cov = (centred * p[:, None]).T @ centred
-        cov = 0.5 * (cov + cov.T)
+        cov = jnp.sum(p[:, None, None] * centred[:, :, None] * centred[:, None, :], axis=0)
         nan = jnp.asarray(jnp.nan, eta.dtype)
-        log_z = jnp.where(diverged, jnp.inf, log_z)
-        return log_z, jnp.where(diverged, nan, mean), jnp.where(diverged, nan, cov)
+        return (jnp.where(diverged, jnp.inf, log_z), jnp.where(diverged, nan, mean),
+                jnp.where(diverged, nan, cov))
 
     def log_partition_single(self, eta: Array) -> Array:
-        """A(eta) = logsumexp_i(g(u_i) + log w_i)."""
+        """A(eta) = log int h(x) exp(eta . T(x)) dx for one flat eta."""
         return self.log_partition_and_moments_single(eta)[0]
 
     def mean_single(self, eta: Array) -> Array:
-        """E[T] = sum_i p_i T(x_i) with p = softmax(g + log w)."""
+        """E[T | eta] as a weighted sum over the nodes (equals grad A to rounding)."""
         return self.log_partition_and_moments_single(eta)[1]
 
     def covariance_single(self, eta: Array) -> Array:
-        """Cov[T] = sum_i p_i (T_i - E T)(T_i - E T)^T."""
+        """Cov[T | eta] as a weighted sum over the nodes (equals the Hessian of A)."""
         return self.log_partition_and_moments_single(eta)[2]
 
     # ---------------------------------------------------------------- batched
     def log_partition_and_moments(self, eta: Array) -> tuple[Array, Array, Array]:
-        """(A, E[T], Cov[T]) for any batch shape of eta, in one pass."""
-        return map_over_batch(self.log_partition_and_moments_single, self._eta(eta))
+        """(A, E[T], Cov[T]) for eta of shape ``batch + (stat_dim,)``, in one pass."""
+        return self._batched("log_partition_and_moments_single", eta)
+
+    # The three protocol methods share one compiled program (one compilation per batch shape).
+    def log_partition(self, eta: Array) -> Array:
+        """A(eta) = log int h(x) exp(eta . T(x)) dx; shape ``batch``."""
+        return self.log_partition_and_moments(eta)[0]
+
+    def mean(self, eta: Array) -> Array:
+        """E[T(x) | eta]; shape ``batch + (stat_dim,)``."""
+        return self.log_partition_and_moments(eta)[1]
+
+    def covariance(self, eta: Array) -> Array:
+        """Cov[T(x) | eta]; shape ``batch + (stat_dim, stat_dim)``."""
+        return self.log_partition_and_moments(eta)[2]
 
     def __repr__(self) -> str:
-        return (f"QuadratureOracle({self.family.name}, panels={self.num_panels}, "
+        return (f"QuadratureOracle({self.family.name}, num_panels={self.num_panels}, "
                 f"nodes_per_panel={self.nodes_per_panel})")
 
 
