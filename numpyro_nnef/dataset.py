@@ -11,13 +11,14 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._io import atomic_write
 
 __all__ = ["ExpectationDataset", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -238,23 +239,8 @@ class ExpectationDataset:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write one ``.npz`` file at exactly ``path`` atomically (tmp file + os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = self._payload()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return path
+        return atomic_write(path, lambda f: np.savez(f, **payload))
 
     @classmethod
     def load(cls, path: str | os.PathLike, family=None) -> ExpectationDataset:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from numpyro.distributions.transforms import biject_to
 
+from ._io import atomic_write
 from .dataset import ExpectationDataset
 from .diagnostics import ess_bulk, ess_tail, mcse_mean, rhat
 from .family import Array, ExponentialFamily, OutOfDomainError
@@ -453,24 +453,6 @@ def _family_description(family: ExponentialFamily) -> dict[str, Any]:
     }
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write via ``write(fileobj)`` into a temporary file next to ``path``, then os.replace."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 class _Checkpoint:
     """A directory of finished chunks (``chunk_00000.npz``) plus ``manifest.json``."""
 
@@ -504,7 +486,7 @@ class _Checkpoint:
         else:
             text = json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                                "fingerprint": fingerprint, "run": description}, indent=1)
-            _atomic_write_bytes(manifest, lambda f: f.write(text.encode()))
+            atomic_write(manifest, lambda f: f.write(text.encode()))
 
     def path(self, index: int) -> Path:
         return self.directory / f"chunk_{index:05d}.npz"
@@ -534,7 +516,7 @@ class _Checkpoint:
 
     def save(self, index: int, eta: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
         payload = dict(arrays, eta=eta, fingerprint=np.array(self.fingerprint))
-        _atomic_write_bytes(self.path(index), lambda f: np.savez(f, **payload))
+        atomic_write(self.path(index), lambda f: np.savez(f, **payload))
 
 
 def _bucket(n: int, cap: int) -> int:
