@@ -1,0 +1,367 @@
+"""Flax NNX networks mapping a (standardised) natural parameter eta to E[T | eta].
+
+Two kinds of network share one interface (``__call__`` = mean, ``covariance``):
+
+- ``kind == "direct"``: the network outputs mu(eta) in R^stat_dim directly; the covariance is
+  the Jacobian d mu / d eta, shape (..., stat_dim, eta_dim) (square when stat_dim == eta_dim).
+- ``kind == "gradient"``: the network is a scalar log-partition A(eta); mu = grad A and
+  Cov = Hessian A (jax autodiff), so stat_dim must equal eta_dim.  ``logz_icnn`` makes A
+  input-convex, hence Cov is PSD by construction.
+
+Every network accepts any leading batch shape: eta has shape (..., eta_dim).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "gelu": jax.nn.gelu,
+    "silu": jax.nn.silu,
+    "softplus": jax.nn.softplus,
+    "elu": jax.nn.elu,
+    "sigmoid": jax.nn.sigmoid,
+    "identity": lambda x: x,
+}
+
+
+def _activation(name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ----------------------------------------------------------------------------- batch helpers
+
+
+@partial(jax.jit, static_argnums=(0, 2))
+def _apply(graphdef: Any, state: Any, method: str, eta: Array) -> Array:
+    return getattr(nnx.merge(graphdef, state), method)(eta)
+
+
+def _compiled(net: nnx.Module, method: str, eta: Array) -> Array:
+    """Run ``net.<method>(eta)`` under one ``jax.jit`` (via nnx.split/merge: no state write-back,
+    so it is safe inside outer jit/grad/vmap and avoids op-by-op compilation when eager)."""
+    graphdef, state = nnx.split(net)
+    return _apply(graphdef, state, method, eta)
+
+
+def _per_example(fn: Callable[[Array], Array], eta: Array, eta_dim: int) -> Array:
+    """Apply ``fn`` (defined on a single eta of shape (eta_dim,)) over any batch shape."""
+    eta = jnp.asarray(eta)
+    if eta.ndim == 0 or eta.shape[-1] != eta_dim:
+        raise ValueError(f"eta must have shape (..., {eta_dim}), got {eta.shape}")
+    batch_shape = eta.shape[:-1]
+    flat = eta.reshape((-1, eta_dim))
+    out = jax.vmap(fn)(flat)
+    return out.reshape(batch_shape + out.shape[1:])
+
+
+# ----------------------------------------------------------------------------- layer stacks
+
+
+class GLULayer(nnx.Module):
+    """Gated linear unit: (W1 x + b1) * sigmoid(W2 x + b2)."""
+
+    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs):
+        self.value = nnx.Linear(din, dout, rngs=rngs)
+        self.gate = nnx.Linear(din, dout, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.value(x) * jax.nn.sigmoid(self.gate(x))
+
+
+class QuadraticLayer(nnx.Module):
+    """Quadratic layer: W x + b - (W1 x) * relu(W2 x)."""
+
+    def __init__(self, din: int, dout: int, *, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(din, dout, rngs=rngs)
+        self.left = nnx.Linear(din, dout, use_bias=False, rngs=rngs)
+        self.right = nnx.Linear(din, dout, use_bias=False, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.linear(x) - self.left(x) * jax.nn.relu(self.right(x))
+
+
+def _dense(din: int, dout: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, rngs=rngs)
+
+
+class LayerStack(nnx.Module):
+    """Hidden layers ``layer(d_k, d_{k+1})`` each followed by ``activation``, then a linear
+    read-out to ``dout``: the shared body of every direct network and of ``logz_mlp``."""
+
+    def __init__(
+        self,
+        din: int,
+        dout: int,
+        hidden: Sequence[int],
+        activation: str,
+        layer: Callable[..., nnx.Module],
+        *,
+        rngs: nnx.Rngs,
+    ):
+        sizes = [din, *hidden]
+        pairs = zip(sizes[:-1], sizes[1:], strict=True)
+        self.hidden = nnx.List([layer(a, b, rngs=rngs) for a, b in pairs])
+        self.readout = nnx.Linear(sizes[-1], dout, rngs=rngs)
+        self.activation = activation
+
+    def __call__(self, x: Array) -> Array:
+        act = _activation(self.activation)
+        for layer in self.hidden:
+            x = act(layer(x))
+        return self.readout(x)
+
+
+# ----------------------------------------------------------------------------- base classes
+
+
+class ExpectationNetwork(nnx.Module):
+    """Base class: eta (..., eta_dim) -> E[T] (..., stat_dim).
+
+    Subclasses declare ``name``, ``kind`` and ``defaults`` (hyperparameter defaults) and
+    implement ``_build(**hyperparameters)``.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str]
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, *, eta_dim: int, stat_dim: int, rngs: nnx.Rngs, **hyperparameters: Any):
+        unknown = set(hyperparameters) - set(self.defaults)
+        if unknown:
+            raise ValueError(
+                f"unknown hyperparameters {sorted(unknown)} for {self.name!r}; "
+                f"known: {sorted(self.defaults)}"
+            )
+        if eta_dim < 1 or stat_dim < 1:
+            raise ValueError(f"eta_dim and stat_dim must be >= 1, got {eta_dim}, {stat_dim}")
+        hp = {**self.defaults, **hyperparameters}
+        self.eta_dim = int(eta_dim)
+        self.stat_dim = int(stat_dim)
+        # Stored as a JSON string: module attributes end up in the (hashed) nnx graphdef.
+        self.config_json = json.dumps(
+            {
+                "name": self.name,
+                "eta_dim": self.eta_dim,
+                "stat_dim": self.stat_dim,
+                "hyperparameters": _jsonable(hp),
+            }
+        )
+        self._build(rngs=rngs, **hp)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable {name, eta_dim, stat_dim, hyperparameters} (a fresh copy)."""
+        return json.loads(self.config_json)
+
+    def _build(self, *, rngs: nnx.Rngs, **hyperparameters: Any) -> None:
+        raise NotImplementedError
+
+    def __call__(self, eta: Array) -> Array:
+        raise NotImplementedError
+
+    def covariance(self, eta: Array) -> Array:
+        raise NotImplementedError
+
+    def log_partition(self, eta: Array) -> Array:
+        raise TypeError(
+            f"{type(self).__name__} ({self.kind!r} network) has no log-partition; "
+            "use a 'gradient' architecture (logz_mlp, logz_icnn)"
+        )
+
+
+class DirectNetwork(ExpectationNetwork):
+    """mu(eta) = f(eta) directly; Cov(eta) := d mu / d eta (Jacobian, via jax.jacfwd)."""
+
+    kind: ClassVar[str] = "direct"
+
+    def _mean(self, eta: Array) -> Array:
+        raise NotImplementedError
+
+    def __call__(self, eta: Array) -> Array:
+        return _compiled(self, "_batched_mean", eta)
+
+    def covariance(self, eta: Array) -> Array:
+        return _compiled(self, "_batched_covariance", eta)
+
+    def _batched_mean(self, eta: Array) -> Array:
+        return _per_example(self._mean, eta, self.eta_dim)
+
+    def _batched_covariance(self, eta: Array) -> Array:
+        return _per_example(jax.jacfwd(self._mean), eta, self.eta_dim)
+
+
+class GradientNetwork(ExpectationNetwork):
+    """Scalar log-partition A(eta); mu = grad A, Cov = Hessian A."""
+
+    kind: ClassVar[str] = "gradient"
+
+    def __init__(self, *, eta_dim: int, stat_dim: int, rngs: nnx.Rngs, **hyperparameters: Any):
+        if stat_dim != eta_dim:
+            raise ValueError(
+                f"gradient network {self.name!r} needs stat_dim == eta_dim "
+                f"(mu = grad A), got stat_dim={stat_dim}, eta_dim={eta_dim}"
+            )
+        super().__init__(eta_dim=eta_dim, stat_dim=stat_dim, rngs=rngs, **hyperparameters)
+
+    def _log_partition(self, eta: Array) -> Array:
+        """A at a single eta of shape (eta_dim,); returns a scalar."""
+        raise NotImplementedError
+
+    def log_partition(self, eta: Array) -> Array:
+        return _compiled(self, "_batched_log_partition", eta)
+
+    def __call__(self, eta: Array) -> Array:
+        return _compiled(self, "_batched_mean", eta)
+
+    def covariance(self, eta: Array) -> Array:
+        return _compiled(self, "_batched_covariance", eta)
+
+    def _batched_log_partition(self, eta: Array) -> Array:
+        return _per_example(self._log_partition, eta, self.eta_dim)
+
+    def _batched_mean(self, eta: Array) -> Array:
+        return _per_example(jax.grad(self._log_partition), eta, self.eta_dim)
+
+    def _batched_covariance(self, eta: Array) -> Array:
+        return _per_example(jax.hessian(self._log_partition), eta, self.eta_dim)
+
+
+# ----------------------------------------------------------------------------- architectures
+
+
+class _StackMixin:
+    """Direct networks that are a single ``LayerStack`` of a given layer type."""
+
+    layer: ClassVar[Callable[..., nnx.Module]]
+
+    def _build(self, *, rngs: nnx.Rngs, hidden: Sequence[int], activation: str) -> None:
+        _activation(activation)  # validate early
+        self.body = LayerStack(
+            self.eta_dim, self.stat_dim, hidden, activation, type(self).layer, rngs=rngs
+        )
+
+    def _mean(self, eta: Array) -> Array:
+        return self.body(eta)
+
+
+class MLP(_StackMixin, DirectNetwork):
+    """mu = W_L act(... act(W_1 eta + b_1) ...) + b_L."""
+
+    name = "mlp"
+    layer = staticmethod(_dense)
+    defaults = {"hidden": (64, 64), "activation": "silu"}
+
+
+class GLU(_StackMixin, DirectNetwork):
+    """Stack of gated blocks h -> (W1 h + b1) * sigmoid(W2 h + b2), then a linear read-out."""
+
+    name = "glu"
+    layer = GLULayer
+    defaults = {"hidden": (64, 64), "activation": "identity"}
+
+
+class Quadratic(_StackMixin, DirectNetwork):
+    """Stack of quadratic layers h -> W h + b - (W1 h) * relu(W2 h), then a linear read-out."""
+
+    name = "quadratic"
+    layer = QuadraticLayer
+    defaults = {"hidden": (64, 64), "activation": "identity"}
+
+
+class LogZMLP(GradientNetwork):
+    """A(eta) = scalar MLP (smooth activation; softplus by default so the Hessian is nonzero)."""
+
+    name = "logz_mlp"
+    defaults = {"hidden": (64, 64), "activation": "softplus"}
+
+    def _build(self, *, rngs: nnx.Rngs, hidden: Sequence[int], activation: str) -> None:
+        _activation(activation)
+        self.body = LayerStack(self.eta_dim, 1, hidden, activation, _dense, rngs=rngs)
+
+    def _log_partition(self, eta: Array) -> Array:
+        return self.body(eta)[0]
+
+
+class LogZICNN(GradientNetwork):
+    """Input-convex log-partition (Amos et al., 2017):
+
+    z_1 = softplus(W_0 x + b_0);  z_{k+1} = softplus(softplus(U_k) z_k + W_k x + b_k);
+    A(x) = softplus(u)·z_K + w·x + b + 0.5 * eps * |x|^2.
+
+    softplus is convex and non-decreasing and the z-weights softplus(U_k) are non-negative, so
+    A is convex in x and Hessian A (the covariance) is PSD; eps > 0 makes it strictly convex.
+    """
+
+    name = "logz_icnn"
+    defaults = {"hidden": (64, 64), "eps": 1e-4}
+
+    def _build(self, *, rngs: nnx.Rngs, hidden: Sequence[int], eps: float) -> None:
+        hidden = list(hidden)
+        if not hidden:
+            raise ValueError("logz_icnn needs at least one hidden layer")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.eps = float(eps)
+        # x -> layer k pass-through (unconstrained); the last one is the affine term w·x + b.
+        self.x_layers = nnx.List([nnx.Linear(self.eta_dim, d, rngs=rngs) for d in [*hidden, 1]])
+        # z_k -> z_{k+1} raw weights; softplus(raw) >= 0.  Initialised so softplus(raw) ~ 1/d_in.
+        self.z_raw = nnx.List(
+            [
+                nnx.Param(
+                    jnp.log(jnp.expm1(1.0 / a)) + 0.1 * jax.random.normal(rngs.params(), (a, b))
+                )
+                for a, b in zip(hidden, [*hidden[1:], 1], strict=True)
+            ]
+        )
+
+    def _log_partition(self, eta: Array) -> Array:
+        z = jax.nn.softplus(self.x_layers[0](eta))
+        n = len(self.z_raw)
+        for k in range(n):
+            pre = z @ jax.nn.softplus(self.z_raw[k][...]) + self.x_layers[k + 1](eta)
+            z = pre if k == n - 1 else jax.nn.softplus(pre)
+        return z[0] + 0.5 * self.eps * jnp.sum(eta**2)
+
+
+# ----------------------------------------------------------------------------- registry
+
+ARCHITECTURES: dict[str, type[ExpectationNetwork]] = {
+    cls.name: cls for cls in (MLP, GLU, Quadratic, LogZMLP, LogZICNN)
+}
+
+
+def build_network(
+    name: str, *, eta_dim: int, stat_dim: int, rngs: nnx.Rngs, **hyperparameters: Any
+) -> ExpectationNetwork:
+    """Build the architecture ``name`` (see ``ARCHITECTURES``); unspecified hyperparameters take
+    the class defaults.  ``network.config`` records everything needed to rebuild it via
+    ``build_network(config["name"], eta_dim=..., stat_dim=..., rngs=...,
+    **config["hyperparameters"])``."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[name](eta_dim=eta_dim, stat_dim=stat_dim, rngs=rngs, **hyperparameters)
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples -> lists, numpy scalars -> Python scalars (so ``config`` survives json.dumps)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return value.item()
+    return value
