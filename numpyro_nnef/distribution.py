@@ -46,14 +46,16 @@ class EFDistribution(Distribution):
     ):
         if not isinstance(family, ExponentialFamily):
             raise TypeError(f"family must be an ExponentialFamily, got {type(family).__name__}")
-        eta = family._check_eta(eta)
+        eta = family.check_eta(eta)
         if oracle is None and not unnormalized and family.has_closed_form:
             from .oracles.exact import ExactOracle
 
             oracle = ExactOracle(family)
-        if oracle is not None and getattr(oracle, "family", family).name != family.name:
+        oracle_family = getattr(oracle, "family", family)
+        if (oracle_family.name, oracle_family.stat_labels) != (family.name, family.stat_labels):
             raise ValueError(
-                f"the oracle is for family {oracle.family.name!r}, not {family.name!r}"
+                f"the oracle is for family {oracle_family.name!r} with statistics "
+                f"{oracle_family.stat_labels}, not {family.name!r} with {family.stat_labels}"
             )
         self.family = family
         self.eta = eta

@@ -184,14 +184,14 @@ class ExponentialFamily:
     # ------------------------------------------------------------------ natural domain
     def in_domain(self, eta: Array) -> Array:
         """Boolean array of shape ``batch``: is eta inside the natural domain?"""
-        eta = self._check_eta(eta)
+        eta = self.check_eta(eta)
         if self.natural_constraint is None:
             return jnp.all(jnp.isfinite(eta), axis=-1)
         return self.natural_constraint(eta)
 
     def validate_natural(self, eta: Array) -> Array:
         """Return eta as an array, raising :class:`OutOfDomainError` if any eta is outside."""
-        eta = self._check_eta(eta)
+        eta = self.check_eta(eta)
         if isinstance(eta, jax.core.Tracer):
             return eta
         ok = np.asarray(self.in_domain(eta))
@@ -227,7 +227,8 @@ class ExponentialFamily:
                 f"of the support {self.support}; statistics must be finite on the whole support"
             )
 
-    def _check_eta(self, eta: Array) -> Array:
+    def check_eta(self, eta: Array) -> Array:
+        """eta as an array, after checking its shape is ``batch + (stat_dim,)``."""
         eta = jnp.asarray(eta)
         if eta.ndim < 1 or eta.shape[-1] != self.stat_dim:
             raise ValueError(

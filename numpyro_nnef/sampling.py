@@ -219,7 +219,7 @@ def _float_etas(family: ExponentialFamily, etas) -> Array:
     etas = jnp.asarray(etas)
     if not jnp.issubdtype(etas.dtype, jnp.floating):
         etas = etas.astype(jnp.result_type(float))
-    return family._check_eta(etas)
+    return family.check_eta(etas)
 
 
 def run_nuts(

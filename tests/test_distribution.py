@@ -200,3 +200,9 @@ def test_prior_predictive_with_user_family(key):
 
     draws = Predictive(model, num_samples=3)(key)
     assert draws["w"].shape == (3,) and jnp.all(jnp.isfinite(draws["w"]))
+
+
+def test_oracle_of_another_family_is_refused():
+    oracle = nnef.ExactOracle(families.LaplaceProduct(2))
+    with pytest.raises(ValueError, match="oracle is for family"):
+        EFDistribution(families.LaplaceProduct(1), jnp.array([1.0, 1.0]), oracle)

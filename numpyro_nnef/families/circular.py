@@ -45,7 +45,7 @@ class VonMises(ExponentialFamily):
 
     def loc_concentration_from_natural(self, eta: Array) -> tuple[Array, Array]:
         """(loc, kappa) = (atan2(eta2, eta1), |eta|)."""
-        eta = self._check_eta(eta)
+        eta = self.check_eta(eta)
         return jnp.arctan2(eta[..., 1], eta[..., 0]), jnp.hypot(eta[..., 0], eta[..., 1])
 
     @jit_sampler

@@ -47,7 +47,7 @@ class Gamma(ExponentialFamily):
 
     def shape_rate_from_natural(self, eta: Array) -> tuple[Array, Array]:
         """(shape, rate) = (eta1 + 1, -eta2)."""
-        eta = self._check_eta(eta)
+        eta = self.check_eta(eta)
         return eta[..., 0] + 1.0, -eta[..., 1]
 
     @jit_sampler
@@ -92,7 +92,7 @@ class Beta(ExponentialFamily):
 
     def concentrations_from_natural(self, eta: Array) -> tuple[Array, Array]:
         """(a, b) = (eta1 + 1, eta2 + 1)."""
-        eta = self._check_eta(eta)
+        eta = self.check_eta(eta)
         return eta[..., 0] + 1.0, eta[..., 1] + 1.0
 
     @jit_sampler

@@ -52,7 +52,7 @@ class Gaussian(ExponentialFamily):
 
     def loc_scale_from_natural(self, eta: Array) -> tuple[Array, Array]:
         """(loc, scale) = (-eta1 / (2 eta2), sqrt(-1 / (2 eta2)))."""
-        eta = self._check_eta(eta)
+        eta = self.check_eta(eta)
         var = -0.5 / eta[..., 1]
         return eta[..., 0] * var, jnp.sqrt(var)
 
@@ -117,7 +117,7 @@ class MultivariateNormal(ExponentialFamily):
 
     def precision_from_natural(self, eta: Array) -> Array:
         """Lambda with Lambda_ii = -2 eta_xx[i,i], Lambda_ij = -eta_xx[i,j]; ``batch + (d, d)``."""
-        eta = self._check_eta(eta)
+        eta = self.check_eta(eta)
         return self._symmetric_from_upper(-eta[..., self.dim:], 2.0)
 
     def natural_from_loc_precision(self, loc: Array, precision: Array) -> Array:

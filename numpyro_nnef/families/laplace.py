@@ -76,7 +76,7 @@ class LaplaceProduct(ExponentialFamily):
 
     def ab_from_natural(self, eta: Array) -> tuple[Array, Array]:
         """(a, b) = (eta[:d], eta[d:]), each ``batch + (d,)``."""
-        eta = self._check_eta(eta)
+        eta = self.check_eta(eta)
         return eta[..., : self.dim], eta[..., self.dim:]
 
     def closed_form_log_partition(self, eta: Array) -> Array:

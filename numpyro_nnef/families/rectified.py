@@ -79,7 +79,7 @@ class RectifiedGaussian(ExponentialFamily):
     @jit_sampler
     def sample_exact(self, key: Array, eta: Array, sample_shape: tuple[int, ...] = ()) -> Array:
         """x ~ Normal(m, s2) conditioned on x >= 0; shape ``sample_shape + batch``."""
-        eta = self._check_eta(eta)
+        eta = self.check_eta(eta)
         u = uniform_open_closed(key, tuple(sample_shape) + eta.shape[:-1], eta.dtype)
         return _half_line(u, eta[..., 0], eta[..., 1])
 
@@ -124,7 +124,7 @@ class GaussLaplace(ExponentialFamily):
 
         Returns draws of shape ``sample_shape + batch``.
         """
-        eta = self._check_eta(eta)
+        eta = self.check_eta(eta)
         shape = tuple(sample_shape) + eta.shape[:-1]
         halves = self._half_log_partitions(eta)
         u = uniform_open_closed(key, shape + (2,), eta.dtype)

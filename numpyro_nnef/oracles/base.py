@@ -75,7 +75,7 @@ class Oracle:
         provides a moment-matched guess, else at a fixed feasible point. Outside jit, a warning
         names the points where Newton did not converge.
         """
-        mu = self.family._check_eta(mu)
+        mu = self.family.check_eta(mu)
         if init is None:
             guess = getattr(self.family, "natural_init_from_mean", None)
             init = self.default_init() if guess is None else map_over_batch(guess, mu)
@@ -104,7 +104,7 @@ class Oracle:
         return jnp.asarray(domain.feasible)
 
     def _eta(self, eta: Array) -> Array:
-        return self.family._check_eta(eta)
+        return self.family.check_eta(eta)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.family.name})"
