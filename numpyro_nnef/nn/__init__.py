@@ -1,7 +1,6 @@
 """Network architectures (Flax NNX) for neural expectation oracles: eta -> E[T | eta]."""
 
 from numpyro_nnef.nn.architectures import (
-    ACTIVATIONS,
     ARCHITECTURES,
     GLU,
     MLP,
@@ -16,10 +15,12 @@ from numpyro_nnef.nn.architectures import (
     QuadraticLayer,
     build_network,
 )
+from numpyro_nnef.nn.base import ACTIVATIONS, ConfiguredModule
 
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
+    "ConfiguredModule",
     "GLU",
     "MLP",
     "DirectNetwork",

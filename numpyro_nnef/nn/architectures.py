@@ -13,60 +13,21 @@ Every network accepts any leading batch shape: eta has shape (..., eta_dim).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from functools import partial
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Array = jax.Array
-
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "relu": jax.nn.relu,
-    "tanh": jnp.tanh,
-    "gelu": jax.nn.gelu,
-    "silu": jax.nn.silu,
-    "softplus": jax.nn.softplus,
-    "elu": jax.nn.elu,
-    "sigmoid": jax.nn.sigmoid,
-    "identity": lambda x: x,
-}
-
-
-def _activation(name: str) -> Callable[[Array], Array]:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
-
-# ----------------------------------------------------------------------------- batch helpers
-
-
-@partial(jax.jit, static_argnums=(0, 2))
-def _apply(graphdef: Any, state: Any, method: str, eta: Array) -> Array:
-    return getattr(nnx.merge(graphdef, state), method)(eta)
-
-
-def _compiled(net: nnx.Module, method: str, eta: Array) -> Array:
-    """Run ``net.<method>(eta)`` under one ``jax.jit`` (via nnx.split/merge: no state write-back,
-    so it is safe inside outer jit/grad/vmap and avoids op-by-op compilation when eager)."""
-    graphdef, state = nnx.split(net)
-    return _apply(graphdef, state, method, eta)
-
-
-def _per_example(fn: Callable[[Array], Array], eta: Array, eta_dim: int) -> Array:
-    """Apply ``fn`` (defined on a single eta of shape (eta_dim,)) over any batch shape."""
-    eta = jnp.asarray(eta)
-    if eta.ndim == 0 or eta.shape[-1] != eta_dim:
-        raise ValueError(f"eta must have shape (..., {eta_dim}), got {eta.shape}")
-    batch_shape = eta.shape[:-1]
-    flat = eta.reshape((-1, eta_dim))
-    out = jax.vmap(fn)(flat)
-    return out.reshape(batch_shape + out.shape[1:])
-
+from .base import (
+    Array,
+    ConfiguredModule,
+    build_from_registry,
+    compiled,
+    get_activation,
+    per_example,
+)
 
 # ----------------------------------------------------------------------------- layer stacks
 
@@ -119,7 +80,7 @@ class LayerStack(nnx.Module):
         self.activation = activation
 
     def __call__(self, x: Array) -> Array:
-        act = _activation(self.activation)
+        act = get_activation(self.activation)
         for layer in self.hidden:
             x = act(layer(x))
         return self.readout(x)
@@ -128,44 +89,20 @@ class LayerStack(nnx.Module):
 # ----------------------------------------------------------------------------- base classes
 
 
-class ExpectationNetwork(nnx.Module):
+class ExpectationNetwork(ConfiguredModule):
     """Base class: eta (..., eta_dim) -> E[T] (..., stat_dim).
 
     Subclasses declare ``name``, ``kind`` and ``defaults`` (hyperparameter defaults) and
     implement ``_build(**hyperparameters)``.
     """
 
-    name: ClassVar[str]
     kind: ClassVar[str]
-    defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, *, eta_dim: int, stat_dim: int, rngs: nnx.Rngs, **hyperparameters: Any):
-        unknown = set(hyperparameters) - set(self.defaults)
-        if unknown:
-            raise ValueError(
-                f"unknown hyperparameters {sorted(unknown)} for {self.name!r}; "
-                f"known: {sorted(self.defaults)}"
-            )
-        if eta_dim < 1 or stat_dim < 1:
-            raise ValueError(f"eta_dim and stat_dim must be >= 1, got {eta_dim}, {stat_dim}")
-        hp = {**self.defaults, **hyperparameters}
+        hp = self._configure({"eta_dim": eta_dim, "stat_dim": stat_dim}, hyperparameters)
         self.eta_dim = int(eta_dim)
         self.stat_dim = int(stat_dim)
-        # Stored as a JSON string: module attributes end up in the (hashed) nnx graphdef.
-        self.config_json = json.dumps(
-            {
-                "name": self.name,
-                "eta_dim": self.eta_dim,
-                "stat_dim": self.stat_dim,
-                "hyperparameters": _jsonable(hp),
-            }
-        )
         self._build(rngs=rngs, **hp)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """JSON-serialisable {name, eta_dim, stat_dim, hyperparameters} (a fresh copy)."""
-        return json.loads(self.config_json)
 
     def _build(self, *, rngs: nnx.Rngs, **hyperparameters: Any) -> None:
         raise NotImplementedError
@@ -192,16 +129,16 @@ class DirectNetwork(ExpectationNetwork):
         raise NotImplementedError
 
     def __call__(self, eta: Array) -> Array:
-        return _compiled(self, "_batched_mean", eta)
+        return compiled(self, "_batched_mean", eta)
 
     def covariance(self, eta: Array) -> Array:
-        return _compiled(self, "_batched_covariance", eta)
+        return compiled(self, "_batched_covariance", eta)
 
     def _batched_mean(self, eta: Array) -> Array:
-        return _per_example(self._mean, eta, self.eta_dim)
+        return per_example(self._mean, eta, self.eta_dim)
 
     def _batched_covariance(self, eta: Array) -> Array:
-        return _per_example(jax.jacfwd(self._mean), eta, self.eta_dim)
+        return per_example(jax.jacfwd(self._mean), eta, self.eta_dim)
 
 
 class GradientNetwork(ExpectationNetwork):
@@ -222,22 +159,22 @@ class GradientNetwork(ExpectationNetwork):
         raise NotImplementedError
 
     def log_partition(self, eta: Array) -> Array:
-        return _compiled(self, "_batched_log_partition", eta)
+        return compiled(self, "_batched_log_partition", eta)
 
     def __call__(self, eta: Array) -> Array:
-        return _compiled(self, "_batched_mean", eta)
+        return compiled(self, "_batched_mean", eta)
 
     def covariance(self, eta: Array) -> Array:
-        return _compiled(self, "_batched_covariance", eta)
+        return compiled(self, "_batched_covariance", eta)
 
     def _batched_log_partition(self, eta: Array) -> Array:
-        return _per_example(self._log_partition, eta, self.eta_dim)
+        return per_example(self._log_partition, eta, self.eta_dim)
 
     def _batched_mean(self, eta: Array) -> Array:
-        return _per_example(jax.grad(self._log_partition), eta, self.eta_dim)
+        return per_example(jax.grad(self._log_partition), eta, self.eta_dim)
 
     def _batched_covariance(self, eta: Array) -> Array:
-        return _per_example(jax.hessian(self._log_partition), eta, self.eta_dim)
+        return per_example(jax.hessian(self._log_partition), eta, self.eta_dim)
 
 
 # ----------------------------------------------------------------------------- architectures
@@ -249,7 +186,7 @@ class _StackMixin:
     layer: ClassVar[Callable[..., nnx.Module]]
 
     def _build(self, *, rngs: nnx.Rngs, hidden: Sequence[int], activation: str) -> None:
-        _activation(activation)  # validate early
+        get_activation(activation)  # validate early
         self.body = LayerStack(
             self.eta_dim, self.stat_dim, hidden, activation, type(self).layer, rngs=rngs
         )
@@ -289,7 +226,7 @@ class LogZMLP(GradientNetwork):
     defaults = {"hidden": (64, 64), "activation": "softplus"}
 
     def _build(self, *, rngs: nnx.Rngs, hidden: Sequence[int], activation: str) -> None:
-        _activation(activation)
+        get_activation(activation)
         self.body = LayerStack(self.eta_dim, 1, hidden, activation, _dense, rngs=rngs)
 
     def _log_partition(self, eta: Array) -> Array:
@@ -351,17 +288,7 @@ def build_network(
     the class defaults.  ``network.config`` records everything needed to rebuild it via
     ``build_network(config["name"], eta_dim=..., stat_dim=..., rngs=...,
     **config["hyperparameters"])``."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
-    return ARCHITECTURES[name](eta_dim=eta_dim, stat_dim=stat_dim, rngs=rngs, **hyperparameters)
-
-
-def _jsonable(value: Any) -> Any:
-    """Tuples -> lists, numpy scalars -> Python scalars (so ``config`` survives json.dumps)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "shape", None) == ():
-        return value.item()
-    return value
+    return build_from_registry(
+        ARCHITECTURES, "architecture", name,
+        eta_dim=eta_dim, stat_dim=stat_dim, rngs=rngs, **hyperparameters,
+    )
