@@ -4,8 +4,17 @@ from . import families
 from .dataset import ExpectationDataset
 from .distribution import EFDistribution
 from .family import ExponentialFamily, NaturalDomain, OutOfDomainError, whole_space
-from .oracles import ExactOracle, Oracle, QuadratureOracle
+from .oracles import (
+    ExactOracle,
+    LogPartitionEstimate,
+    NeuralOracle,
+    Oracle,
+    QuadratureOracle,
+    estimate_log_partition,
+    load_oracle,
+)
 from .sampling import generate_dataset, run_nuts, sample_etas, sample_family
+from .training import TrainingReport, train_oracle
 
 __version__ = "0.1.0"
 
@@ -14,15 +23,21 @@ __all__ = [
     "ExactOracle",
     "ExpectationDataset",
     "ExponentialFamily",
+    "LogPartitionEstimate",
     "NaturalDomain",
+    "NeuralOracle",
     "Oracle",
     "OutOfDomainError",
     "QuadratureOracle",
+    "TrainingReport",
+    "estimate_log_partition",
     "families",
     "generate_dataset",
+    "load_oracle",
     "run_nuts",
     "sample_etas",
     "sample_family",
+    "train_oracle",
     "whole_space",
     "__version__",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -245,6 +246,23 @@ class ExponentialFamily:
                 f"{self.name}: x must have shape batch + {self.event_shape}, got {x.shape}"
             )
         return x
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able record of the family: name, class, statistics, support, natural domain and
+        the constructor arguments (``identity_attributes``; None for an ad-hoc family)."""
+        domain = self.natural_constraint
+        attrs = self.identity_attributes
+        return {
+            "name": self.name,
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "repr": repr(self),
+            "event_shape": list(self.event_shape),
+            "support": repr(self.support),
+            "natural_domain": domain.description if domain is not None else "all finite eta",
+            "stat_labels": list(self.stat_labels),
+            "stat_shapes": {k: list(v) for k, v in self.stat_shapes.items()},
+            "init_kwargs": None if attrs is None else {a: getattr(self, a) for a in attrs},
+        }
 
     def cache_key(self) -> tuple:
         """Hashable key; equal keys mean the same family (same T, h, support and domain)."""

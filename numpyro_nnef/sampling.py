@@ -21,7 +21,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import blackjax
 import jax
@@ -439,20 +439,6 @@ def _package_version() -> str:
         return "unknown"
 
 
-def _family_description(family: ExponentialFamily) -> dict[str, Any]:
-    domain = family.natural_constraint
-    return {
-        "name": family.name,
-        "class": f"{type(family).__module__}.{type(family).__qualname__}",
-        "repr": repr(family),
-        "event_shape": list(family.event_shape),
-        "support": repr(family.support),
-        "natural_domain": domain.description if domain is not None else "all finite eta",
-        "stat_labels": list(family.stat_labels),
-        "stat_shapes": {k: list(v) for k, v in family.stat_shapes.items()},
-    }
-
-
 class _Checkpoint:
     """A directory of finished chunks (``chunk_00000.npz``) plus ``manifest.json``."""
 
@@ -662,7 +648,7 @@ def generate_dataset(
         "sampler": settings,
         "key": key_info,
         "package_version": _package_version(),
-        "family": _family_description(family),
+        "family": family.describe(),
         "versions": {"jax": jax.__version__, "blackjax": blackjax.__version__,
                      "numpy": np.__version__},
         "num_devices": num_devices,

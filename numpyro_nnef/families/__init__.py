@@ -38,6 +38,24 @@ def get_family(name: str, **kwargs) -> ExponentialFamily:
     return cls(**kwargs)
 
 
+def family_from_description(description: dict) -> ExponentialFamily:
+    """Rebuild a built-in family from ``family.describe()``; ValueError for any other family."""
+    cls = REGISTRY.get(str(description.get("class", "")).rsplit(".", 1)[-1])
+    kwargs = description.get("init_kwargs")
+    if cls is None or kwargs is None:
+        raise ValueError(
+            f"family {description.get('name')!r} is not a built-in family that can be rebuilt "
+            "from its description; pass the family object explicitly (family=...)"
+        )
+    family = cls(**kwargs)
+    if list(family.stat_labels) != list(description.get("stat_labels", [])):
+        raise ValueError(
+            f"rebuilt {family!r} has statistics {list(family.stat_labels)}, the record says "
+            f"{description.get('stat_labels')}"
+        )
+    return family
+
+
 __all__ = [
     "REGISTRY",
     "Beta",
@@ -48,5 +66,6 @@ __all__ = [
     "MultivariateNormal",
     "RectifiedGaussian",
     "VonMises",
+    "family_from_description",
     "get_family",
 ]

@@ -4,8 +4,11 @@ from numpyro_nnef.nn.architectures import (
     ARCHITECTURES,
     GLU,
     MLP,
+    Anchor,
     DirectNetwork,
     ExpectationNetwork,
+    GeometricFlow,
+    Glow,
     GLULayer,
     GradientNetwork,
     LayerStack,
@@ -16,6 +19,12 @@ from numpyro_nnef.nn.architectures import (
     build_network,
 )
 from numpyro_nnef.nn.base import ACTIVATIONS, ConfiguredModule
+from numpyro_nnef.nn.flows import (
+    FLOW_ARCHITECTURES,
+    FlowField,
+    build_flow_field,
+    time_embedding,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -23,9 +32,12 @@ __all__ = [
     "ConfiguredModule",
     "GLU",
     "MLP",
+    "Anchor",
     "DirectNetwork",
     "ExpectationNetwork",
+    "GeometricFlow",
     "GLULayer",
+    "Glow",
     "GradientNetwork",
     "LayerStack",
     "LogZICNN",
@@ -33,4 +45,8 @@ __all__ = [
     "Quadratic",
     "QuadraticLayer",
     "build_network",
+    "FLOW_ARCHITECTURES",
+    "FlowField",
+    "build_flow_field",
+    "time_embedding",
 ]

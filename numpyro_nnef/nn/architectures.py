@@ -4,6 +4,8 @@ Two kinds of network share one interface (``__call__`` = mean, ``covariance``):
 
 - ``kind == "direct"``: the network outputs mu(eta) in R^stat_dim directly; the covariance is
   the Jacobian d mu / d eta, shape (..., stat_dim, eta_dim) (square when stat_dim == eta_dim).
+  ``geometric_flow`` is direct but structured: mu(eta0) plus a quadrature of a PD matrix field
+  along the segment eta0 -> eta (needs stat_dim == eta_dim).
 - ``kind == "gradient"``: the network is a scalar log-partition A(eta); mu = grad A and
   Cov = Hessian A (jax autodiff), so stat_dim must equal eta_dim.  ``logz_icnn`` makes A
   input-convex, hence Cov is PSD by construction.
@@ -18,6 +20,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from .base import (
@@ -57,6 +60,14 @@ class QuadraticLayer(nnx.Module):
 
 def _dense(din: int, dout: int, *, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(din, dout, rngs=rngs)
+
+
+def _check_square(name: str, eta_dim: int, stat_dim: int, reason: str) -> None:
+    if stat_dim != eta_dim:
+        raise ValueError(
+            f"{name!r} needs stat_dim == eta_dim ({reason}), "
+            f"got stat_dim={stat_dim}, eta_dim={eta_dim}"
+        )
 
 
 class LayerStack(nnx.Module):
@@ -147,11 +158,7 @@ class GradientNetwork(ExpectationNetwork):
     kind: ClassVar[str] = "gradient"
 
     def __init__(self, *, eta_dim: int, stat_dim: int, rngs: nnx.Rngs, **hyperparameters: Any):
-        if stat_dim != eta_dim:
-            raise ValueError(
-                f"gradient network {self.name!r} needs stat_dim == eta_dim "
-                f"(mu = grad A), got stat_dim={stat_dim}, eta_dim={eta_dim}"
-            )
+        _check_square(self.name, eta_dim, stat_dim, "mu = grad A")
         super().__init__(eta_dim=eta_dim, stat_dim=stat_dim, rngs=rngs, **hyperparameters)
 
     def _log_partition(self, eta: Array) -> Array:
@@ -274,10 +281,148 @@ class LogZICNN(GradientNetwork):
         return z[0] + 0.5 * self.eps * jnp.sum(eta**2)
 
 
+class Glow(DirectNetwork):
+    """Augmented affine-coupling flow, then a linear read-out (Dinh et al. 2017; Kingma &
+    Dhariwal 2018; Huang et al. 2020 for the augmentation):
+
+    x_0 = [eta, 0] in R^width;  coupling k: (a, b) -> (a, b * exp(s_k(a)) + t_k(a)),
+    s_k = tanh(.) (bounded log scale), (s_k, t_k) = MLP_k(a), the halves swapping roles each layer;
+    mu = W x_K + c.  Each coupling is invertible with log|det| = sum s_k(a).
+
+    ``width`` is even and >= eta_dim; 0 means 2 * eta_dim, so the first coupling sees all of eta
+    and writes an MLP feature t_0(eta) into the padding.
+    """
+
+    name = "glow"
+    defaults = {"num_layers": 4, "hidden": (64,), "activation": "silu", "width": 0}
+
+    def _build(
+        self,
+        *,
+        rngs: nnx.Rngs,
+        num_layers: int,
+        hidden: Sequence[int],
+        activation: str,
+        width: int,
+    ) -> None:
+        get_activation(activation)
+        if int(num_layers) < 1:
+            raise ValueError(f"glow needs num_layers >= 1, got {num_layers}")
+        width = int(width) or 2 * self.eta_dim
+        if width % 2 or width < self.eta_dim:
+            raise ValueError(
+                f"glow width must be even and >= eta_dim={self.eta_dim} "
+                f"(or 0 for 2 * eta_dim), got {width}"
+            )
+        self.width = width
+        half = width // 2
+        self.conditioners = nnx.List(
+            [
+                LayerStack(half, 2 * half, hidden, activation, _dense, rngs=rngs)
+                for _ in range(int(num_layers))
+            ]
+        )
+        self.readout = nnx.Linear(width, self.stat_dim, rngs=rngs)
+
+    def flow(self, x: Array) -> tuple[Array, Array]:
+        """The coupling stack on one x of shape (width,): (x_K, log|det dx_K / dx_0|)."""
+        half = self.width // 2
+        log_det = jnp.zeros((), x.dtype)
+        for k, conditioner in enumerate(self.conditioners):
+            a, b = (x[:half], x[half:]) if k % 2 == 0 else (x[half:], x[:half])
+            out = conditioner(a)
+            log_scale = jnp.tanh(out[:half])
+            b = b * jnp.exp(log_scale) + out[half:]
+            x = jnp.concatenate([a, b] if k % 2 == 0 else [b, a])
+            log_det = log_det + jnp.sum(log_scale)
+        return x, log_det
+
+    def _mean(self, eta: Array) -> Array:
+        x = jnp.concatenate([eta, jnp.zeros(self.width - self.eta_dim, eta.dtype)])
+        return self.readout(self.flow(x)[0])
+
+
+class Anchor(nnx.Variable):
+    """Non-trainable state (not an ``nnx.Param``): a fixed reference point such as eta0."""
+
+
+def gauss_legendre_01(order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Legendre nodes and weights on [0, 1]: int_0^1 f ~ sum_q w_q f(t_q)."""
+    x, w = np.polynomial.legendre.leggauss(order)
+    return 0.5 * (x + 1.0), 0.5 * w
+
+
+class GeometricFlow(DirectNetwork):
+    """mu(eta) = m0 + sum_q w_q L(eta_q) L(eta_q)^T (eta - eta0),  eta_q = eta0 + t_q (eta - eta0).
+
+    This is Gauss-Legendre quadrature (nodes t_q, weights w_q on [0, 1]) of the exact identity
+    E[T](eta) = E[T](eta0) + int_0^1 Cov(eta_t) (eta - eta0) dt along eta_t = eta0 + t (eta - eta0)
+    (since d/dt E[T](eta_t) = Cov(eta_t) (eta - eta0)), with Cov modelled as L L^T: L lower
+    triangular from an MLP, diagonal softplus(.) + eps > 0, so L L^T is positive definite and the
+    Jacobian at the anchor is exactly L L^T(eta0).  The anchor eta0 (an ``Anchor``, not trained)
+    and m0 (an ``nnx.Param``) start at 0; ``set_anchor`` sets them to a point with known E[T].
+    """
+
+    name = "geometric_flow"
+    defaults = {"hidden": (64, 64), "activation": "silu", "quadrature_order": 8, "eps": 1e-4}
+
+    def __init__(self, *, eta_dim: int, stat_dim: int, rngs: nnx.Rngs, **hyperparameters: Any):
+        _check_square(self.name, eta_dim, stat_dim, "Cov(eta) (eta - eta0) is in eta-space")
+        super().__init__(eta_dim=eta_dim, stat_dim=stat_dim, rngs=rngs, **hyperparameters)
+
+    def _build(
+        self,
+        *,
+        rngs: nnx.Rngs,
+        hidden: Sequence[int],
+        activation: str,
+        quadrature_order: int,
+        eps: float,
+    ) -> None:
+        get_activation(activation)
+        if int(quadrature_order) < 1:
+            raise ValueError(f"quadrature_order must be >= 1, got {quadrature_order}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.quadrature_order = int(quadrature_order)
+        self.eps = float(eps)
+        d = self.eta_dim
+        self.body = LayerStack(d, d * (d + 1) // 2, hidden, activation, _dense, rngs=rngs)
+        self.eta0 = Anchor(jnp.zeros(d))
+        self.m0 = nnx.Param(jnp.zeros(d))
+
+    def factor(self, eta: Array) -> Array:
+        """L(eta) of shape (eta_dim, eta_dim): lower triangular, diagonal softplus(.) + eps."""
+        d = self.eta_dim
+        rows, cols = np.tril_indices(d)
+        out = self.body(eta)
+        raw = jnp.zeros((d, d), out.dtype).at[rows, cols].set(out)
+        return jnp.where(np.eye(d, dtype=bool), jax.nn.softplus(raw) + self.eps, raw)
+
+    def set_anchor(self, eta0: Array, mean0: Array) -> None:
+        """Anchor the path: eta0 <- eta0, m0 <- mean0 (= E[T](eta0)), dtypes kept."""
+        eta0, mean0 = jnp.asarray(eta0), jnp.asarray(mean0)
+        if eta0.shape != (self.eta_dim,) or mean0.shape != (self.stat_dim,):
+            raise ValueError(
+                f"set_anchor needs eta0 of shape ({self.eta_dim},) and mean0 of shape "
+                f"({self.stat_dim},), got {eta0.shape} and {mean0.shape}"
+            )
+        self.eta0[...] = eta0.astype(self.eta0[...].dtype)
+        self.m0[...] = mean0.astype(self.m0[...].dtype)
+
+    def _mean(self, eta: Array) -> Array:
+        eta0 = self.eta0[...]
+        delta = eta - eta0
+        t, w = (jnp.asarray(v, delta.dtype) for v in gauss_legendre_01(self.quadrature_order))
+        factors = jax.vmap(self.factor)(eta0 + t[:, None] * delta)  # (Q, d, d)
+        half = jnp.einsum("qij,i->qj", factors, delta)  # L_q^T delta
+        return self.m0[...] + jnp.einsum("q,qij,qj->i", w, factors, half)
+
+
 # ----------------------------------------------------------------------------- registry
 
 ARCHITECTURES: dict[str, type[ExpectationNetwork]] = {
-    cls.name: cls for cls in (MLP, GLU, Quadratic, LogZMLP, LogZICNN)
+    cls.name: cls for cls in (MLP, GLU, Quadratic, Glow, GeometricFlow, LogZMLP, LogZICNN)
 }
 
 

@@ -111,18 +111,20 @@ class Oracle:
 
 
 def newton_natural_from_mean(oracle: Oracle, mu: Array, init: Array, max_steps: int,
-                             tol: float) -> tuple[Array, Array]:
+                             tol: float, log_partition=None) -> tuple[Array, Array]:
     """Damped Newton on f(eta) = A(eta) - eta . mu with Cov[T] as Hessian; (eta, converged).
 
     Backtracking halves the step until the new eta is inside the natural domain and f does not
     increase, so every iterate stays in the domain. When the domain cuts a Newton step short, a
     Cauchy (steepest-descent) step is tried as well and the better one is kept.
+    ``log_partition`` (default ``oracle.log_partition_single``) may be A up to a constant.
     """
     family = oracle.family
     dim = family.stat_dim
+    log_partition = oracle.log_partition_single if log_partition is None else log_partition
 
     def objective(eta):
-        return oracle.log_partition_single(eta) - jnp.dot(eta, mu)
+        return log_partition(eta) - jnp.dot(eta, mu)
 
     def inside(eta):
         return family.in_domain(eta[None])[0] & jnp.isfinite(objective(eta))

@@ -1,0 +1,390 @@
+"""A trained network as an oracle: eta -> E[T], Cov[T], absolute A(eta), training-range checks.
+
+The network works in standardised coordinates s = (eta - eta_shift) / eta_scale and predicts
+(E[T] - mean_shift) / mean_scale. Gradient networks (a learned A) use mean_scale = c / eta_scale
+so that E[T] = grad_eta [mean_shift . eta + c A_net(s)] holds exactly. The absolute log-partition
+is pinned at a reference eta_ref by an independent estimate A(eta_ref) (quadrature or importance
+sampling, see ``anchor.py``) and continued along the straight path eta_t from eta_ref to eta by
+A(eta) = A(eta_ref) + int_0^1 mu(eta_t).(eta - eta_ref) dt (thermodynamic integration), or by the
+learned A itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .._io import atomic_write
+from ..families import family_from_description
+from ..family import Array, ExponentialFamily
+from .anchor import LogPartitionEstimate
+from .base import Oracle, newton_natural_from_mean
+
+if TYPE_CHECKING:
+    from ..training.protocols import Protocol
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "NeuralOracle", "Standardization", "load_oracle"]
+
+FORMAT_NAME = "numpyro_nnef.NeuralOracle"
+FORMAT_VERSION = 1
+CONFIG_FILE = "oracle.json"
+WEIGHTS_FILE = "weights.npz"
+OUT_OF_RANGE = ("warn", "error", "ignore")
+PATH_QUADRATURE_ORDER = 24
+
+
+@dataclasses.dataclass(frozen=True)
+class Standardization:
+    """s = (eta - eta_shift) / eta_scale; network output = (E[T] - mean_shift) / mean_scale."""
+
+    eta_shift: np.ndarray
+    eta_scale: np.ndarray
+    mean_shift: np.ndarray
+    mean_scale: np.ndarray
+
+    def __post_init__(self):
+        dims = set()
+        for field in dataclasses.fields(self):
+            value = np.asarray(getattr(self, field.name), dtype=np.float64)
+            if value.ndim != 1 or not np.all(np.isfinite(value)):
+                raise ValueError(f"{field.name} must be a finite vector, got {value!r}")
+            if field.name.endswith("scale") and np.any(value <= 0):
+                raise ValueError(f"{field.name} must be positive, got {value.tolist()}")
+            dims.add(value.shape[0])
+            object.__setattr__(self, field.name, value)
+        if len(dims) != 1:
+            raise ValueError(f"standardisation vectors differ in length: {sorted(dims)}")
+
+    @classmethod
+    def fit(cls, eta: np.ndarray, mean: np.ndarray, *, gradient: bool) -> Standardization:
+        """Centre and scale eta and E[T] by their training mean and standard deviation; for a
+        gradient network the mean scale is tied to the eta scale (c / eta_scale, c scalar)."""
+        eta_scale = _safe_std(eta)
+        mean_scale = _safe_std(mean)
+        if gradient:
+            c = float(np.median(mean_scale * eta_scale))
+            mean_scale = c / eta_scale
+        return cls(eta.mean(0), eta_scale, mean.mean(0), mean_scale)
+
+    @property
+    def gradient_constant(self) -> float:
+        """c in mean_scale = c / eta_scale (meaningful for gradient networks)."""
+        return float(np.median(self.mean_scale * self.eta_scale))
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {f.name: getattr(self, f.name).tolist() for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Standardization:
+        return cls(**{f.name: np.asarray(data[f.name]) for f in dataclasses.fields(cls)})
+
+
+def _safe_std(a: np.ndarray) -> np.ndarray:
+    std = np.asarray(a, dtype=np.float64).std(0)
+    return np.where(std > 1e-12 * (1.0 + np.abs(a).max(0)), std, 1.0)
+
+
+class NeuralOracle(Oracle):
+    """Oracle backed by a trained network (any architecture x training protocol).
+
+    ``mean``/``covariance``/``log_partition``/``natural_from_mean`` follow the oracle protocol and
+    are jit/vmap-able. An eta outside the training box [eta_low, eta_high] triggers a warning,
+    an error or nothing, per ``out_of_range`` ("warn" by default): never a silent extrapolation.
+    """
+
+    def __init__(
+        self,
+        family: ExponentialFamily,
+        protocol: Protocol,
+        architecture: str,
+        hyperparameters: dict[str, Any],
+        model: nnx.Module,
+        standardization: Standardization,
+        eta_low: np.ndarray,
+        eta_high: np.ndarray,
+        *,
+        anchor: LogPartitionEstimate | None = None,
+        out_of_range: str = "warn",
+        metadata: dict[str, Any] | None = None,
+    ):
+        super().__init__(family)
+        if out_of_range not in OUT_OF_RANGE:
+            raise ValueError(f"out_of_range must be one of {OUT_OF_RANGE}, got {out_of_range!r}")
+        dim = family.stat_dim
+        if standardization.eta_shift.shape != (dim,):
+            raise ValueError(
+                f"standardisation has {standardization.eta_shift.shape[0]} dimensions, "
+                f"family {family.name} has stat_dim={dim}"
+            )
+        self.protocol = protocol
+        self.architecture = architecture
+        self.hyperparameters = dict(hyperparameters)
+        self.standardization = standardization
+        self.eta_low = np.asarray(eta_low, dtype=np.float64).reshape(dim)
+        self.eta_high = np.asarray(eta_high, dtype=np.float64).reshape(dim)
+        self.anchor = anchor
+        self.out_of_range = out_of_range
+        self.metadata = dict(metadata or {})
+        self._graphdef, self._state = nnx.split(model)
+        self.learned_log_partition = has_learned_log_partition(protocol, model, dim)
+        self.report = None  # a TrainingReport when the oracle comes from train_oracle
+
+    # ---------------------------------------------------------------- the model
+    @property
+    def model(self) -> nnx.Module:
+        """A fresh copy of the trained network (changing it does not change the oracle)."""
+        return nnx.merge(self._graphdef, self._state)
+
+    def _standardise(self, eta: Array) -> Array:
+        st = self.standardization
+        return (eta - st.eta_shift) / st.eta_scale
+
+    # ---------------------------------------------------------------- per eta
+    def mean_single(self, eta: Array) -> Array:
+        """E[T | eta] = mean_shift + mean_scale * network(s(eta))."""
+        st = self.standardization
+        return st.mean_shift + st.mean_scale * self.protocol.predict(
+            nnx.merge(self._graphdef, self._state), self._standardise(eta)
+        )
+
+    def covariance_single(self, eta: Array) -> Array:
+        """Cov[T | eta] = d E[T] / d eta (the Hessian of A for gradient networks); the Jacobian of a
+        direct network is symmetrised, 0.5 (J + J^T), the nearest symmetric matrix."""
+        jac = jax.jacfwd(self.mean_single)(eta)
+        return 0.5 * (jac + jac.T)
+
+    def _relative_log_partition(self, eta: Array) -> Array:
+        """A(eta) - A(eta_ref)."""
+        ref = jnp.asarray(self.anchor.eta, dtype=eta.dtype)
+        if self.learned_log_partition:
+            return self._learned_log_partition(eta) - self._learned_log_partition(ref)
+        nodes, weights = np.polynomial.legendre.leggauss(PATH_QUADRATURE_ORDER)
+        t = jnp.asarray(0.5 * (nodes + 1.0), eta.dtype)
+        delta = eta - ref
+        means = jax.vmap(lambda ti: self.mean_single(ref + ti * delta))(t)
+        return 0.5 * jnp.asarray(weights, eta.dtype) @ (means @ delta)
+
+    def _learned_log_partition(self, eta: Array) -> Array:
+        st = self.standardization
+        model = nnx.merge(self._graphdef, self._state)
+        value = self.protocol.log_partition(model, self._standardise(eta))
+        return st.mean_shift @ eta + st.gradient_constant * value
+
+    def log_partition_single(self, eta: Array) -> Array:
+        """Absolute A(eta) = A(eta_ref) + [A(eta) - A(eta_ref)]."""
+        if self.anchor is None:
+            raise ValueError(
+                "this neural oracle has no log-partition anchor (trained with anchor=None); "
+                "its log-partition is only known up to a constant"
+            )
+        return jnp.asarray(self.anchor.value, eta.dtype) + self._relative_log_partition(eta)
+
+    def natural_from_mean_single(self, mu: Array, init: Array, max_steps: int = 100,
+                                 tol: float = 1e-9) -> tuple[Array, Array]:
+        """(eta, converged) with E[T | eta] = mu: Newton on the convex A(eta) - eta . mu for a
+        learned A; for a direct network (whose mean need not be an exact gradient) Newton on the
+        residual mean(eta) - mu, backtracking on its squared norm inside the natural domain."""
+        if self.learned_log_partition:
+            return newton_natural_from_mean(self, mu, init, max_steps, tol,
+                                            log_partition=self._learned_log_partition)
+        family = self.family
+        jacobian = jax.jacfwd(self.mean_single)
+        threshold = tol + 100 * jnp.finfo(mu.dtype).eps * (1.0 + jnp.max(jnp.abs(mu)))
+
+        def merit(eta):
+            residual = self.mean_single(eta) - mu
+            value = 0.5 * residual @ residual
+            inside = family.in_domain(eta[None])[0] & jnp.isfinite(value)
+            return jnp.where(inside, value, jnp.inf)
+
+        def step(carry):
+            eta, value, i, _ = carry
+            residual = self.mean_single(eta) - mu
+            direction = jnp.linalg.lstsq(jacobian(eta), residual)[0]
+
+            def shrink(state):
+                t, _ = state
+                return t * 0.5, merit(eta - t * 0.5 * direction)
+
+            def keep_shrinking(state):
+                t, new = state
+                return (new > (1.0 - 1e-4 * t) * value) & (t > 1e-10)
+
+            t, new = jax.lax.while_loop(keep_shrinking, shrink, (1.0, merit(eta - direction)))
+            ok = new <= (1.0 - 1e-4 * t) * value
+            return (jnp.where(ok, eta - t * direction, eta), jnp.where(ok, new, value), i + 1,
+                    ~ok)
+
+        def not_done(carry):
+            eta, value, i, stalled = carry
+            return (jnp.sqrt(2 * value) > threshold) & (i < max_steps) & ~stalled
+
+        init = jnp.asarray(init, mu.dtype)
+        eta, value, _, _ = jax.lax.while_loop(
+            not_done, step, (init, merit(init), 0, jnp.asarray(False))
+        )
+        converged = jnp.sqrt(2 * value) <= jnp.maximum(
+            threshold, 1e-6 * (1.0 + jnp.max(jnp.abs(mu)))
+        )
+        return eta, converged
+
+    # ---------------------------------------------------------------- range check
+    def _eta(self, eta: Array) -> Array:
+        eta = super()._eta(eta)
+        if self.out_of_range == "ignore":
+            return eta
+        outside = self._outside(eta)
+        if isinstance(outside, jax.core.Tracer):
+            jax.debug.callback(self._report_outside, outside)
+        else:
+            self._report_outside(outside)
+        return eta
+
+    def _outside(self, eta: Array) -> Array:
+        """Number of eta outside the training box (with a relative tolerance of 1e-9)."""
+        tol = 1e-9 * (self.eta_high - self.eta_low + 1.0)
+        bad = (eta < self.eta_low - tol) | (eta > self.eta_high + tol)
+        return jnp.sum(jnp.any(bad, axis=-1))
+
+    def _report_outside(self, outside) -> None:
+        count = int(outside)
+        if count == 0:
+            return
+        message = (
+            f"{self!r}: {count} eta outside the training range "
+            f"[{np.round(self.eta_low, 4).tolist()}, {np.round(self.eta_high, 4).tolist()}]; "
+            "the network extrapolates there (pass out_of_range='ignore' to silence, or train on "
+            "a wider box)"
+        )
+        if self.out_of_range == "error":
+            raise ValueError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+    def in_training_range(self, eta: Array) -> Array:
+        """Boolean mask (batch shape): True where eta lies inside the training box."""
+        eta = self.family.check_eta(eta)
+        tol = 1e-9 * (self.eta_high - self.eta_low + 1.0)
+        return jnp.all((eta >= self.eta_low - tol) & (eta <= self.eta_high + tol), axis=-1)
+
+    # ---------------------------------------------------------------- persistence
+    def config(self) -> dict[str, Any]:
+        """Everything but the weights, as JSON-able data."""
+        return {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "family": self.family.describe(),
+            "protocol": {"name": self.protocol.name, "options": self.protocol.options},
+            "architecture": self.architecture,
+            "hyperparameters": self.hyperparameters,
+            "standardization": self.standardization.to_json(),
+            "eta_low": self.eta_low.tolist(),
+            "eta_high": self.eta_high.tolist(),
+            "anchor": None if self.anchor is None else self.anchor.to_json(),
+            "out_of_range": self.out_of_range,
+            "metadata": self.metadata,
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``weights.npz`` then ``oracle.json`` (with the weights' SHA-256), atomically."""
+        directory = Path(directory)
+        buffer = io.BytesIO()
+        np.savez(buffer, **_flat_state(self._state))
+        payload = buffer.getvalue()
+        atomic_write(directory / WEIGHTS_FILE, lambda f: f.write(payload))
+        config = {**self.config(), "weights_sha256": hashlib.sha256(payload).hexdigest()}
+        text = json.dumps(config, indent=2, sort_keys=True).encode()
+        atomic_write(directory / CONFIG_FILE, lambda f: f.write(text))
+        return directory
+
+    def __repr__(self) -> str:
+        return f"NeuralOracle({self.family.name}, {self.architecture}/{self.protocol.name})"
+
+
+def has_learned_log_partition(protocol: Protocol, model: nnx.Module, dim: int) -> bool:
+    """True when the protocol's model is a learned log-partition A (mu = grad A)."""
+    graphdef, state = nnx.split(model)
+    probe = jax.eval_shape(lambda s: protocol.log_partition(nnx.merge(graphdef, state), s),
+                           jax.ShapeDtypeStruct((dim,), jnp.float64))
+    return probe is not None
+
+
+def _flat_state(state: Any) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def load_oracle(directory: str | os.PathLike, family: ExponentialFamily | None = None,
+                *, out_of_range: str | None = None) -> NeuralOracle:
+    """Rebuild a saved NeuralOracle exactly (weights checked against the recorded SHA-256).
+
+    ``family`` is needed for user-defined families; built-in ones are rebuilt from the record.
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{directory}: incomplete oracle directory, {path.name} missing"
+            )
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+    if config.get("format") != FORMAT_NAME:
+        raise ValueError(f"{config_path}: not a {FORMAT_NAME} record")
+    if config.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{config_path}: format version {config.get('version')!r}, this package reads "
+            f"version {FORMAT_VERSION}"
+        )
+    payload = weights_path.read_bytes()
+    if hashlib.sha256(payload).hexdigest() != config.get("weights_sha256"):
+        raise ValueError(f"{weights_path}: weights do not match {CONFIG_FILE} (changed or partial)")
+    recorded = config["family"]
+    if family is None:
+        family = family_from_description(recorded)
+    if family.name != recorded["name"] or list(family.stat_labels) != recorded["stat_labels"]:
+        raise ValueError(
+            f"{directory}: oracle is for {recorded['name']} {recorded['stat_labels']}, got "
+            f"{family.name} {list(family.stat_labels)}"
+        )
+    from ..training.protocols import get_protocol
+
+    protocol = get_protocol(config["protocol"]["name"], **config["protocol"]["options"])
+    dim = family.stat_dim
+    model = protocol.build_model(config["architecture"], eta_dim=dim, stat_dim=dim,
+                                 rngs=nnx.Rngs(0), **config["hyperparameters"])
+    state = nnx.state(model)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+    with np.load(io.BytesIO(payload), allow_pickle=False) as stored:
+        names = [jax.tree_util.keystr(path) for path, _ in leaves]
+        if set(names) != set(stored.files):
+            raise ValueError(f"{weights_path}: parameters do not match the recorded architecture")
+        arrays = []
+        for name, (_, leaf) in zip(names, leaves, strict=True):
+            value = stored[name]
+            if value.shape != np.shape(leaf):
+                raise ValueError(f"{weights_path}: {name} has shape {value.shape}, "
+                                 f"expected {np.shape(leaf)}")
+            arrays.append(jnp.asarray(value))
+    nnx.update(model, jax.tree_util.tree_unflatten(treedef, arrays))
+    anchor = config["anchor"]
+    return NeuralOracle(
+        family, protocol, config["architecture"], config["hyperparameters"], model,
+        Standardization.from_json(config["standardization"]),
+        np.asarray(config["eta_low"]), np.asarray(config["eta_high"]),
+        anchor=None if anchor is None else LogPartitionEstimate.from_json(anchor),
+        out_of_range=config["out_of_range"] if out_of_range is None else out_of_range,
+        metadata=config["metadata"],
+    )
