@@ -93,7 +93,7 @@ QUICK = {
 COMMON = {"learning_rate": 1e-2, "batch_size": 256, "eval_every": 10, "weighting": "mcse",
           "sobolev_weight": 1.0}
 EVAL_BATCH = 10_000
-EVAL_REPEATS = 5
+EVAL_REPEATS = 3
 GOAL_RATIO, GOAL_LOGZ, GOAL_SPEEDUP = 0.5, 0.01, 1e4
 
 

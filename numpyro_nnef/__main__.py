@@ -280,14 +280,16 @@ def check_model_choice(architecture: str, protocol: str,
                           f"{', '.join(PROTOCOLS)}")
     valid = PROTOCOLS[protocol].architectures
     if architecture not in valid:
-        by_protocol = "; ".join(f"{name}: {', '.join(cls.architectures)}"
-                                for name, cls in PROTOCOLS.items())
         if architecture not in set(ARCHITECTURES) | set(FLOW_ARCHITECTURES):
+            groups: dict[tuple[str, ...], list[str]] = {}
+            for name, cls in PROTOCOLS.items():
+                groups.setdefault(tuple(cls.architectures), []).append(name)
+            listing = "; ".join(f"{', '.join(names)}: {', '.join(archs)}"
+                                for archs, names in groups.items())
             raise ConfigError(f"unknown architecture {architecture!r}; known architectures by "
-                              f"protocol: {by_protocol}")
+                              f"protocol: {listing}")
         raise ConfigError(f"architecture {architecture!r} does not work with protocol "
-                          f"{protocol!r}; it takes {', '.join(valid)} (by protocol: "
-                          f"{by_protocol})")
+                          f"{protocol!r}; it takes {', '.join(valid)}")
     try:
         get_protocol(protocol, **(protocol_options or {}))
     except (TypeError, ValueError) as err:
@@ -476,26 +478,18 @@ def _run_train(config: dict[str, Any], *, dataset_path: str | os.PathLike,
     check_model_choice(architecture, protocol, options.get("protocol_options"))
     _enable_x64(config["x64"])
     import jax
-    from flax import nnx
 
-    from .training import get_protocol, train_oracle
+    from .training import train_oracle
 
     dataset = _load_dataset(dataset_path)
     family = _dataset_family(dataset, config["family"], str(dataset_path))
-    dim = family.stat_dim
-    try:  # unknown or malformed hyperparameters: a clear error before training starts
-        get_protocol(protocol, **options.get("protocol_options", {})).build_model(
-            architecture, eta_dim=dim, stat_dim=dim, rngs=nnx.Rngs(0),
-            **options.get("hyperparameters", {}))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"[train] hyperparameters for {architecture}/{protocol}: {err}") from None
     print(f"training {architecture}/{protocol} on {dataset_path} ({len(dataset)} points, "
           f"{family!r}), seed {seed}", flush=True)
     try:
         oracle = train_oracle(dataset, key=jax.random.key(seed), family=family,
                               output_dir=output_dir, progress=progress, **options)
-    except ValueError as err:
-        raise ConfigError(f"training failed: {err}") from None
+    except (ValueError, FloatingPointError) as err:  # unknown hyperparameters, few points, ...
+        raise ConfigError(f"cannot train: {err}") from None
     print(training_summary(oracle, output_dir))
     return oracle
 
@@ -533,9 +527,17 @@ def _train(args: argparse.Namespace) -> int:
     raw = load_config(args.config) if args.config else {}
     config = parse_train_config(raw)
     train = config["train"]
-    for name in ("architecture", "protocol", "max_epochs"):
-        if getattr(args, name) is not None:
-            train[name] = getattr(args, name)
+    # hyperparameters belong to the config's architecture, protocol_options to its protocol
+    for flag, default, tied in (("architecture", "mlp", "hyperparameters"),
+                                ("protocol", "regression", "protocol_options")):
+        value = getattr(args, flag)
+        if value is not None and value != train.get(flag, default):
+            if train.pop(tied, None):
+                print(f"note: [train] {tied} are for {flag} {train.get(flag, default)!r}, not "
+                      f"{value!r}; using the defaults of {value!r}", file=sys.stderr)
+            train[flag] = value
+    if args.max_epochs is not None:
+        train["max_epochs"] = args.max_epochs
     if train.get("max_epochs", 1) < 1:
         raise ConfigError(f"--max-epochs must be >= 1, got {train['max_epochs']}")
     dataset = args.dataset or config["dataset"]
@@ -545,6 +547,8 @@ def _train(args: argparse.Namespace) -> int:
     if output is None:
         raise ConfigError("no output directory: pass --output DIR (or [train] output_dir)")
     seed = args.seed if args.seed is not None else train.get("seed", config["seed"])
+    if seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {seed}")
     _run_train(config, dataset_path=dataset, output_dir=output, seed=seed,
                progress=not args.no_progress)
     return 0
@@ -565,17 +569,15 @@ def _evaluation_points(oracle, dataset):
         eta = oracle.eta_low + u * (oracle.eta_high - oracle.eta_low)
         eta = eta[np.asarray(oracle.family.in_domain(eta))]
         return eta, None, f"{len(eta)} etas uniform in the training box"
-    from .training.trainer import _usable
+    from .training.trainer import usable_points
 
     training = oracle.metadata.get("training", {})
     if training.get("dataset_size") == len(dataset):
-        # the split of train_oracle: usable points (drop_failed iff failed points were dropped)
-        drop_failed = training.get("excluded", {}).get("failed_diagnostics", 0) > 0
-        keep, _ = _usable(dataset, drop_failed)
+        keep, _ = usable_points(dataset, bool(training.get("drop_failed", True)))
         test = dataset.subset(np.flatnonzero(keep)).split(
             tuple(training["fractions"]), seed=int(training["split_seed"]))[-1]
         return test.eta, test.mean, f"the test split ({len(test)} of {len(dataset)} points)"
-    keep, _ = _usable(dataset, False)
+    keep, _ = usable_points(dataset, False)
     return (dataset.eta[keep], dataset.mean[keep],
             f"all {int(keep.sum())} finite points (not the training dataset: "
             f"{len(dataset)} points, training used {training.get('dataset_size')})")
@@ -634,6 +636,9 @@ def evaluation_table(oracle, dataset=None) -> str:
     lines += ["| " + " | ".join([s] + [f"{c[j]:.3g}" for c in columns]) + " |"
               for j, s in enumerate(labels)]
     lines.append("")
+    if exact is not None:
+        lines.append(f"max rel. error: max over the points of |mu_hat - mu| / max(|mu|, sd(T)), "
+                     f"mu and sd(T) from the {label} oracle")
     if exact is not None and oracle.anchor is not None:
         error = np.abs(np.asarray(oracle.log_partition(jnp.asarray(eta)))
                        - np.asarray(reference.log_partition(jnp.asarray(eta))))

@@ -198,10 +198,10 @@ TRAIN_TOML = """
 seed = 4
 
 [train]
-architecture = "mlp"
+architecture = "glu"
 hyperparameters = { hidden = [16, 16] }
-max_epochs = 20
-patience = 20
+max_epochs = 30
+patience = 30
 eval_every = 5
 """
 
@@ -252,9 +252,12 @@ def gaussian_file(tmp_path_factory):
 def trained(gaussian_file, tmp_path_factory):
     data, path, config = gaussian_file
     out = tmp_path_factory.mktemp("cli_oracle") / "oracle"
+    # the flags override the config's architecture (glu), max_epochs (30) and seed (4)
     rc, text, err = run_captured("train", "--dataset", path, "--output", out, "--config", config,
+                                 "--architecture", "mlp", "--max-epochs", 20, "--seed", 5,
                                  "--no-progress")
     assert rc == 0, err
+    assert "note: [train] hyperparameters are for architecture 'glu', not 'mlp'" in err
     return out, text
 
 
@@ -275,7 +278,7 @@ def test_train_writes_oracle_curves_and_summary(gaussian_file, trained):
     for name in ("oracle.json", "weights.npz", "learning_curves.csv", "learning_curves.png"):
         assert (out / name).is_file(), name
     record = json.loads((out / "oracle.json").read_text())
-    assert record["architecture"] == "mlp" and record["hyperparameters"]["hidden"] == [16, 16]
+    assert record["architecture"] == "mlp" and record["hyperparameters"] == {}
     with open(out / "learning_curves.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [5, 10, 15, 20]
@@ -285,6 +288,7 @@ def test_train_writes_oracle_curves_and_summary(gaussian_file, trained):
     rmse = np.sqrt(np.mean((np.asarray(oracle.mean(test.eta)) - test.mean) ** 2, axis=0))
     printed = re.search(r"test RMSE per statistic: x (\S+), x2 (\S+)", text)
     np.testing.assert_allclose([float(printed[1]), float(printed[2])], rmse, rtol=1e-3)
+    assert "training mlp/regression on" in text and "seed 5" in text
     assert "48 train / 6 validation / 6 test; excluded: none" in text
     assert re.search(r"best epoch \d+ of 20 run", text)
     anchor = oracle.anchor
@@ -345,25 +349,6 @@ def test_evaluate_warns_outside_training_range(trained, tmp_path):
     assert "warning: 3 of 12 eta lie outside the training range" in text
 
 
-def test_flags_override_config(gaussian_file, tmp_path):
-    _, path, config = gaussian_file
-    text = config.read_text().replace("[train]", '[train]\nanchor = "none"')
-    cfg = tmp_path / "cfg.yaml"  # the same options as YAML
-    import yaml
-
-    cfg.write_text(yaml.safe_dump(load_config(_toml(tmp_path, text))))
-    out = tmp_path / "oracle"
-    rc, text, err = run_captured("train", "--dataset", path, "--output", out, "--config", cfg,
-                                 "--architecture", "logz_mlp", "--max-epochs", "10",
-                                 "--seed", "1", "--no-progress")
-    assert rc == 0, err
-    assert json.loads((out / "oracle.json").read_text())["architecture"] == "logz_mlp"
-    with open(out / "learning_curves.csv") as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [5, 10]
-    assert "training logz_mlp/regression" in text and "seed 1" in text
-    assert "log-partition anchor: none" in text
-
-
 def _toml(tmp_path, text):
     path = tmp_path / "cfg.toml"
     path.write_text(text)
@@ -374,19 +359,19 @@ def _toml(tmp_path, text):
     "edit, message",
     [
         (lambda t: t.replace("max_epochs", "max_epoch"), r"unknown key.*'max_epoch'.*\[train\]"),
-        (lambda t: t.replace("max_epochs = 20", 'max_epochs = "20"'),
+        (lambda t: t.replace("max_epochs = 30", 'max_epochs = "30"'),
          r"\[train\] max_epochs must be an integer"),
         (lambda t: t + "learning_rate = 0\n", r"\[train\] learning_rate must be > 0"),
-        (lambda t: t.replace('"mlp"', '"nosuch"'),
-         r"unknown architecture 'nosuch'.*regression: mlp, .*fm: potential_flow"),
+        (lambda t: t.replace('"glu"', '"nosuch"'),
+         r"unknown architecture 'nosuch'; .*regression: mlp, .*; fm, ct, df: potential_flow"),
         (lambda t: t + 'protocol = "nope"\n',
          r"unknown protocol 'nope'; known protocols: regression, fm, ct, df"),
         (lambda t: t + 'protocol = "fm"\n',
-         r"architecture 'mlp' does not work with protocol 'fm'; it takes potential_flow"),
+         r"architecture 'glu' does not work with protocol 'fm'; it takes potential_flow"),
         (lambda t: t.replace("{ hidden = [16, 16] }", "3"),
          r"\[train\] hyperparameters must be a table"),
         (lambda t: t.replace("hidden = [16, 16]", "width = 3"),
-         r"\[train\] hyperparameters for mlp/regression: unknown hyperparameters \['width'\]"),
+         r"cannot train: unknown hyperparameters \['width'\] for 'glu'"),
         (lambda t: t + "protocol_options = { steps = 3 }\n",
          r"protocol_options: unknown option\(s\) \['steps'\]"),
         (lambda t: t + 'anchor = "maybe"\n', r"\[train\] anchor must be one of"),

@@ -39,6 +39,11 @@ def _schedule(name, gamma_min=-6.0, gamma_max=6.0):
     return sched
 
 
+def _key(seed):
+    """Test keys: the "rbg" generator is one XLA op, which keeps the compiled programs small."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def _truth(eta):
     """The toy target: y(eta) = eta / 2 + 0.3."""
     return 0.5 * eta + 0.3
@@ -51,21 +56,31 @@ def _truth(eta):
 def test_schedule_endpoints_monotone_and_inverse(name):
     sched = _schedule(name)
     t = jnp.linspace(0.0, 1.0, 201)
-    lam = sched.log_snr(t)
+    inner, h = jnp.linspace(0.05, 0.95, 7), 1e-6
+    snr = lambda u: jnp.exp(sched.log_snr(u))
+
+    @jax.jit
+    def evaluate():
+        lam = sched.log_snr(t)
+        return dict(
+            lam=lam, time=sched.time(lam), rate=sched.log_snr_rate(t),
+            alpha_bar=sched.alpha_bar(t), signal_noise=sched.signal_noise(t),
+            inner_rate=sched.log_snr_rate(inner), inner_snr_rate=sched.snr_rate(inner),
+            fd=(sched.log_snr(inner + h) - sched.log_snr(inner - h)) / (2 * h),
+            fd_snr=(snr(inner + h) - snr(inner - h)) / (2 * h),
+        )
+
+    out = evaluate()
+    lam = out["lam"]
     np.testing.assert_allclose(lam[jnp.array([0, -1])], [-6.0, 6.0], atol=1e-12)
-    assert np.all(np.diff(lam) > 0)
-    assert np.all(sched.log_snr_rate(t) > 0)
-    np.testing.assert_allclose(sched.time(lam), t, atol=1e-12)
-    a, s = sched.signal_noise(t)
-    np.testing.assert_allclose(a**2, sched.alpha_bar(t), rtol=1e-12)
+    assert np.all(np.diff(lam) > 0) and np.all(out["rate"] > 0)
+    np.testing.assert_allclose(out["time"], t, atol=1e-12)
+    a, s = out["signal_noise"]
+    np.testing.assert_allclose(a**2, out["alpha_bar"], rtol=1e-12)
     np.testing.assert_allclose(a**2 + s**2, 1.0, rtol=1e-12)
     # the rates used by the loss weights, against central differences
-    inner, h = jnp.linspace(0.05, 0.95, 7), 1e-6
-    fd = (sched.log_snr(inner + h) - sched.log_snr(inner - h)) / (2 * h)
-    np.testing.assert_allclose(sched.log_snr_rate(inner), fd, rtol=1e-6)
-    snr = lambda u: jnp.exp(sched.log_snr(u))
-    np.testing.assert_allclose(sched.snr_rate(inner), (snr(inner + h) - snr(inner - h)) / (2 * h),
-                               rtol=1e-6)
+    np.testing.assert_allclose(out["inner_rate"], out["fd"], rtol=1e-6)
+    np.testing.assert_allclose(out["inner_snr_rate"], out["fd_snr"], rtol=1e-6)
 
 
 def test_fixed_schedules_match_their_formulas():
@@ -90,18 +105,21 @@ def test_learnable_schedule_inverse_derivatives():
     sched = _schedule("learnable")
     graphdef, params = nnx.split(sched)
     lam = jnp.array([-4.0, 0.5, 3.0])
-    time_of = lambda p: nnx.merge(graphdef, p).time(lam)
-    jac = jax.jacrev(time_of)(params)["logits"].value
-    logits = params["logits"].value
+    logits = params["logits"][...]
+
+    def time_of(x):
+        return nnx.merge(graphdef, jax.tree.map(lambda _: x, params)).time(lam)
+
     h = 1e-6
-    for i in range(logits.shape[0]):
-        up, down = jax.tree.map(lambda x: x, params), jax.tree.map(lambda x: x, params)
-        up["logits"].value = logits.at[i].add(h)
-        down["logits"].value = logits.at[i].add(-h)
-        fd = (time_of(up) - time_of(down)) / (2 * h)
-        np.testing.assert_allclose(jac[:, i], fd, rtol=1e-5, atol=1e-9)
-    np.testing.assert_allclose(jax.jacfwd(sched.time)(lam).diagonal(),
-                               1.0 / sched.log_snr_rate(sched.time(lam)), rtol=1e-10)
+    jac, fd, dt = jax.jit(lambda: (
+        jax.jacrev(time_of)(logits),
+        jax.vmap(lambda d: (time_of(logits + d) - time_of(logits - d)) / (2 * h), out_axes=1)(
+            h * jnp.eye(logits.shape[0])),
+        jax.vmap(jax.grad(sched.time))(lam),
+    ))()
+    assert np.max(np.abs(jac)) > 1e-3
+    np.testing.assert_allclose(jac, fd, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(dt, 1.0 / sched.log_snr_rate(sched.time(lam)), rtol=1e-10)
 
 
 def test_schedule_errors():
@@ -120,27 +138,33 @@ def test_drifts_are_the_path_derivative(name):
     sched = _schedule(name)
     k1, k2 = jax.random.split(jax.random.key(1))
     y, eps = jax.random.normal(k1, (DIM,)), jax.random.normal(k2, (DIM,))
-    path = lambda u: sched.signal_noise(u)[0] * y + sched.signal_noise(u)[1] * eps
-    for t in [0.0, 0.01, 0.3, 0.7, 0.99, 1.0]:
-        t = jnp.asarray(t)
-        z, dz = jax.jvp(path, (t,), (jnp.ones_like(t),))
-        np.testing.assert_allclose(eps_drift(sched, z, t, eps), dz, rtol=1e-8, atol=1e-10)
-        np.testing.assert_allclose(denoiser_drift(sched, z, t, y), dz, rtol=1e-8, atol=1e-10)
+    t = jnp.array([0.0, 0.01, 0.3, 0.7, 0.99, 1.0])[:, None]
+
+    def path(u):
+        a, s = sched.signal_noise(u)
+        return a * y + s * eps
+
+    z, dz = jax.jvp(path, (t,), (jnp.ones_like(t),))
+    rates = sched.rates(t)
+    np.testing.assert_allclose(eps_drift(rates, z, eps), dz, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(denoiser_drift(rates, z, y), dz, rtol=1e-8, atol=1e-10)
 
 
 def test_drift_for_alpha_bar_equal_t():
     """alpha_bar(t) = t: dz/dt = z / (2t) - eps_hat / (2 t sqrt(1 - t)), not 0.5 z - eps_hat."""
     sched = LinearSchedule(gamma_min=-40.0, gamma_max=40.0)  # ab_0 ~ 4e-18, ab_1 = 1 - 4e-18
-    np.testing.assert_allclose(sched.alpha_bar(jnp.array([0.3, 0.8])), [0.3, 0.8], rtol=1e-14)
+    t = jnp.array([0.1, 0.3, 0.8])[:, None]
+    np.testing.assert_allclose(sched.alpha_bar(t), t, rtol=1e-14)
     z, eps_hat = jnp.array([0.4, -1.1]), jnp.array([-0.3, 0.9])
-    for t in [0.1, 0.3, 0.8]:
-        drift = eps_drift(sched, z, jnp.asarray(t), eps_hat)
-        expected = z / (2 * t) - eps_hat / (2 * t * np.sqrt(1 - t))
-        np.testing.assert_allclose(drift, expected, rtol=1e-10)
-        assert np.max(np.abs(drift - (0.5 * z - eps_hat))) > 0.1
+    drift = eps_drift(sched.rates(t), z, eps_hat)
+    np.testing.assert_allclose(drift, z / (2 * t) - eps_hat / (2 * t * np.sqrt(1 - t)),
+                               rtol=1e-10)
+    assert np.all(np.max(np.abs(drift - (0.5 * z - eps_hat)), axis=1) > 0.1)
 
 
 # ----------------------------------------------------------------------------- ODE solvers
+
+ORDER = {"euler": 1, "heun": 2, "rk4": 4}
 
 
 def _fm_field(y, tau, c=1.0):
@@ -173,39 +197,51 @@ def _gaussian_end(sched, y, tau, z0):
 
 @pytest.mark.parametrize("solver", sorted(TABLEAUS))
 def test_flow_matching_ode_lands_on_target(solver):
-    z0 = jnp.zeros(DIM)
-    # the deterministic start z(0) = 0 follows z_t = t y exactly
-    for tau in [0.0, 0.2]:
-        v = _fm_field(Y, tau) if tau else (lambda z, t: Y + 0.0 * z)  # (y - z)/(1 - t) on z = t y
-        np.testing.assert_allclose(integrate_flow(v, z0, 4, solver), Y, atol=1e-12)
-    # from z(0) = xi: z(1) = y + tau xi, with the solver's order of convergence
     xi, tau = jnp.array([0.8, -0.5]), 0.2
-    order = {"euler": 1, "heun": 2, "rk4": 4}[solver]
-    errors = [np.max(np.abs(integrate_flow(_fm_field(Y, tau), xi, n, solver) - (Y + tau * xi)))
-              for n in (16, 64)]
-    assert errors[1] < errors[0] / 4**order * 2
-    if solver == "rk4":
-        assert errors[0] < 1e-4
+
+    @jax.jit
+    def ends():
+        # from z(0) = 0 the exact field keeps z_t = t y (velocity y; (y - z)/(1 - t) for tau = 0)
+        exact = integrate_flow(_fm_field(Y, tau), jnp.zeros(DIM), 4, solver)
+        # from z(0) = xi: z(1) = y + tau xi
+        return exact, [integrate_flow(_fm_field(Y, tau), xi, n, solver) for n in (16, 64)]
+
+    exact, noisy = ends()
+    np.testing.assert_allclose(exact, Y, atol=1e-12)
+    errors = [np.max(np.abs(end - (Y + tau * xi))) for end in noisy]
+    assert errors[1] < errors[0] / 4 ** ORDER[solver] * 2
+    assert errors[0] < {"euler": 0.1, "heun": 0.01, "rk4": 1e-4}[solver]
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
-@pytest.mark.parametrize("solver", sorted(TABLEAUS))
-def test_probability_flow_lands_on_target(name, solver):
+def test_probability_flow_is_exact_for_perfect_fields(name):
+    """Perfect eps / y predictions for a deterministic target: every solver lands on the exact
+    end point of the flow a1 y + s1 (z0 - a0 y) / s0 (on a 4-step grid)."""
     sched = _schedule(name)
     z0 = jnp.array([0.2, 0.5])
-    # perfect eps / y predictions for a deterministic target: exact for every solver and grid
     eps_hat = _gaussian_eps(sched, Y, 0.0)
-    for drift in [lambda z, t: eps_drift(sched, z, t, eps_hat(z, t)),
-                  lambda z, t: denoiser_drift(sched, z, t, Y)]:
-        end = integrate_probability_flow(sched, drift, z0, 4, solver)
-        np.testing.assert_allclose(end, _gaussian_end(sched, Y, 0.0, z0), atol=1e-10)
-    # a Gaussian target N(y, tau^2): converges at the solver's order
-    tau, order = 0.3, {"euler": 1, "heun": 2, "rk4": 4}[solver]
+    drifts = [lambda z, t, rates: eps_drift(rates, z, eps_hat(z, t)),
+              lambda z, t, rates: denoiser_drift(rates, z, Y)]
+    ends = jax.jit(lambda: jnp.stack([
+        integrate_probability_flow(sched, drift, z0, 4, solver)
+        for solver in sorted(TABLEAUS) for drift in drifts
+    ]))()
+    np.testing.assert_allclose(ends, jnp.broadcast_to(_gaussian_end(sched, Y, 0.0, z0), ends.shape),
+                               atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", sorted(TABLEAUS))
+def test_probability_flow_converges_at_solver_order(solver):
+    """A Gaussian target N(y, tau^2): the exact E[eps | z_t] field, on the learnable schedule
+    (whose grid times come from the numerical inverse of lambda)."""
+    sched, z0, tau = _schedule("learnable"), jnp.array([0.2, 0.5]), 0.3
     eps_hat = _gaussian_eps(sched, Y, tau)
-    drift = lambda z, t: eps_drift(sched, z, t, eps_hat(z, t))
-    errors = [np.max(np.abs(integrate_probability_flow(sched, drift, z0, n, solver)
-                            - _gaussian_end(sched, Y, tau, z0))) for n in (32, 128)]
-    assert errors[1] < errors[0] / 4**order * 2
+    drift = lambda z, t, rates: eps_drift(rates, z, eps_hat(z, t))
+    ends = jax.jit(lambda: [integrate_probability_flow(sched, drift, z0, n, solver)
+                            for n in (32, 128)])()
+    errors = [np.max(np.abs(end - _gaussian_end(sched, Y, tau, z0))) for end in ends]
+    assert errors[1] < errors[0] / 4 ** ORDER[solver] * 2
+    assert errors[0] < {"euler": 0.1, "heun": 0.01, "rk4": 1e-4}[solver]
 
 
 class _ExactField(nnx.Module):
@@ -230,72 +266,91 @@ def _exact_model(protocol, tau=0.0):
     return DenoisingModel(_ExactField(protocol.name, sched), sched)
 
 
-@pytest.mark.parametrize("name,schedule", [("fm", None)] + [
-    (p, s) for p in ("ct", "df") for s in sorted(SCHEDULES)
+@pytest.mark.parametrize("name,schedule", [
+    ("fm", None), ("ct", "learnable"), ("ct", "linear"), ("df", "cosine"), ("df", "learnable"),
 ])
 def test_exact_field_predicts_target_and_has_zero_loss(name, schedule):
     protocol = get_protocol(name, num_steps=4, **({"schedule": schedule} if schedule else {}))
     eta = jax.random.normal(jax.random.key(4), (64, DIM))
-    model = _exact_model(protocol, tau=1e-3)
-    for e in eta[:3]:
-        np.testing.assert_allclose(protocol.predict(model, e), _truth(e), atol=1e-9)
-    model = _exact_model(protocol)
-    y, w = _truth(eta), jnp.ones_like(eta)
-    assert protocol.loss(model, eta, y, w, jax.random.key(5)) < 1e-12
-    assert protocol.loss(model, eta, y + 0.1, w, jax.random.key(5)) > 1e-4
+    y, w, key = _truth(eta), jnp.ones_like(eta), _key(5)
+
+    @jax.jit
+    def run():
+        pred = jax.vmap(lambda e: protocol.predict(_exact_model(protocol, tau=1e-3), e))(eta[:3])
+        model = _exact_model(protocol)
+        return pred, protocol.loss(model, eta, y, w, key), protocol.loss(model, eta, y + 0.1, w,
+                                                                         key)
+
+    pred, loss, wrong = run()
+    np.testing.assert_allclose(pred, y[:3], atol=1e-9)
+    assert loss < 1e-12 and wrong > 1e-4
 
 
 # ----------------------------------------------------------------------------- every combination
 
-COMBOS = [("regression", a) for a in sorted(ARCHITECTURES)] + [
-    (p, a) for p in FLOWS for a in sorted(FLOW_ARCHITECTURES)
-]
-TINY = {"regression": {"hidden": (8, 8)}, "flow": {"width": 8, "depth": 1}}
+COMBOS = [("regression", a, {}) for a in sorted(ARCHITECTURES)] + [
+    (p, a, {"num_steps": 4, "solver": "euler"}) for p in FLOWS for a in sorted(FLOW_ARCHITECTURES)
+] + [("df", "conditional_resnet_mlp", {"num_steps": 4, "solver": "euler",
+                                       "schedule": "learnable"})]
 
 
-@pytest.mark.parametrize("name,architecture", COMBOS)
-def test_every_protocol_and_architecture_trains(name, architecture):
-    protocol = get_protocol(name, **({} if name == "regression" else {"num_steps": 4}))
-    hp = TINY["regression" if name == "regression" else "flow"]
+@pytest.mark.parametrize("name,architecture,options", COMBOS,
+                         ids=[f"{p}-{a}{'-' + o['schedule'] if 'schedule' in o else ''}"
+                              for p, a, o in COMBOS])
+def test_every_protocol_and_architecture_trains(name, architecture, options):
+    """Build; 30 Adam steps on y = eta/2 + 0.3: finite gradients (schedule logits included),
+    the loss (at one fixed noise draw) goes down; predict is deterministic with shape (stat_dim,)."""
+    protocol = get_protocol(name, **options)
+    hp = {"hidden": (8, 8)} if name == "regression" else {"width": 8, "depth": 1}
     model = protocol.build_model(architecture, eta_dim=DIM, stat_dim=DIM, rngs=nnx.Rngs(0), **hp)
     eta = jax.random.normal(jax.random.key(6), (32, DIM))
     y, w = _truth(eta), jnp.ones_like(eta)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = optax.adam(1e-2)
-    eval_keys = jax.random.split(jax.random.key(7), 4)
+    key = _key(7)  # one noise draw for all steps: a deterministic objective that must go down
 
-    def loss_fn(p, key):
+    def loss_fn(p):
         return protocol.loss(nnx.merge(graphdef, p, rest), eta, y, w, key)
 
-    def mean_loss(p):
-        return jnp.mean(jax.vmap(lambda k: loss_fn(p, k))(eval_keys))
-
     @jax.jit
-    def run(p):
-        grads = jax.grad(loss_fn)(p, eval_keys[0])
-
-        def step(carry, key):
+    def run(p0):
+        def step(carry, _):
             p, o = carry
-            updates, o = optimizer.update(jax.grad(loss_fn)(p, key), o, p)
-            return (optax.apply_updates(p, updates), o), None
+            loss, grads = jax.value_and_grad(loss_fn)(p)
+            updates, o = optimizer.update(grads, o, p)
+            return (optax.apply_updates(p, updates), o), (loss, grads)
 
-        keys = jax.random.split(jax.random.key(8), 30)
-        (p1, _), _ = jax.lax.scan(step, (p, optimizer.init(p)), keys)
-        predict = lambda e: protocol.predict(nnx.merge(graphdef, p1, rest), e)
-        return mean_loss(p), grads, mean_loss(p1), predict(eta[0]), predict(eta[0]), \
-            jax.jacfwd(predict)(eta[1])
+        (p1, _), (losses, grads) = jax.lax.scan(step, (p0, optimizer.init(p0)), length=30)
+        return losses, grads, protocol.predict(nnx.merge(graphdef, p1, rest), eta[0])
 
-    loss0, grads, loss1, pred_a, pred_b, jac = run(params)
-    assert loss0.shape == () and np.isfinite(loss0)
-    leaves = jax.tree.leaves(grads)
+    losses, grads, pred = run(params)
+    assert losses.shape == (30,) and np.all(np.isfinite(losses))
+    assert losses[-1] < 0.9 * losses[0], losses
+    leaves = jax.tree.leaves(grads)  # every step's gradient
     assert leaves and all(np.all(np.isfinite(g)) for g in leaves)
-    assert sum(float(jnp.sum(g**2)) for g in leaves) > 0
-    assert loss1 < 0.95 * loss0, (float(loss0), float(loss1))
-    assert pred_a.shape == (DIM,) and np.all(np.isfinite(pred_a))
-    np.testing.assert_array_equal(pred_a, pred_b)
-    assert jac.shape == (DIM, DIM) and np.all(np.isfinite(jac))
-    if name in ("ct",) or (name == "df" and protocol.options["schedule"] == "learnable"):
-        assert float(jnp.sum(grads["schedule"]["logits"].value ** 2)) > 0
+    assert sum(float(jnp.sum(g[0] ** 2)) for g in leaves) > 0
+    assert pred.shape == (DIM,) and np.all(np.isfinite(pred))
+    np.testing.assert_array_equal(run(params)[2], pred)
+    if isinstance(model, DenoisingModel):
+        learnable = protocol.options["schedule"] == "learnable"
+        assert ("logits" in grads["schedule"]) == learnable
+        if learnable:
+            assert float(jnp.sum(grads["schedule"]["logits"][...][0] ** 2)) > 0
+
+
+@pytest.mark.parametrize("name", FLOWS)
+def test_flow_prediction_jacobian(name):
+    """d predict / d eta by forward-mode autodiff through the ODE solver = central differences."""
+    protocol = get_protocol(name, num_steps=4)
+    model = protocol.build_model("potential_flow", eta_dim=DIM, stat_dim=DIM, rngs=nnx.Rngs(2),
+                                 width=8, depth=1)
+    eta, h = jnp.array([0.4, -0.7]), 1e-5
+    predict = lambda e: protocol.predict(model, e)
+    jac, fd = jax.jit(lambda: (jax.jacfwd(predict)(eta), jax.vmap(
+        lambda d: (predict(eta + d) - predict(eta - d)) / (2 * h), out_axes=1)(h * jnp.eye(DIM))
+    ))()
+    assert np.max(np.abs(jac)) > 1e-3
+    np.testing.assert_allclose(jac, fd, rtol=1e-6, atol=1e-9)
 
 
 def test_log_partition():
@@ -316,19 +371,6 @@ def test_log_partition():
         model = flow.build_model("conditional_resnet_mlp", eta_dim=DIM, stat_dim=DIM,
                                  rngs=nnx.Rngs(1), width=8, depth=1)
         assert flow.log_partition(model, eta) is None
-
-
-def test_df_learnable_schedule_gets_gradient():
-    protocol = get_protocol("df", schedule="learnable", num_steps=4)
-    model = protocol.build_model("conditional_resnet_mlp", eta_dim=DIM, stat_dim=DIM,
-                                 rngs=nnx.Rngs(0), width=8, depth=1)
-    eta = jax.random.normal(jax.random.key(6), (16, DIM))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    grads = jax.grad(lambda p: protocol.loss(nnx.merge(graphdef, p, rest), eta, _truth(eta),
-                                             jnp.ones_like(eta), jax.random.key(0)))(params)
-    assert float(jnp.sum(grads["schedule"]["logits"].value ** 2)) > 0
-    jac = jax.jacrev(lambda p: protocol.predict(nnx.merge(graphdef, p, rest), eta[0]))(params)
-    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(jac))
 
 
 # ----------------------------------------------------------------------------- options

@@ -39,7 +39,14 @@ from flax import nnx
 from ..nn.architectures import ARCHITECTURES, build_network
 from ..nn.base import jsonable
 from ..nn.flows import FLOW_ARCHITECTURES, build_flow_field
-from .schedules import SCHEDULES, Schedule, build_schedule, denoiser_drift, eps_drift
+from .schedules import (
+    SCHEDULES,
+    Rates,
+    Schedule,
+    build_schedule,
+    denoiser_drift,
+    eps_drift,
+)
 
 Array = jax.Array
 
@@ -56,30 +63,31 @@ TABLEAUS: dict[str, tuple[tuple[float, ...], tuple[tuple[float, ...], ...], tupl
 
 
 def solve_ode(
-    f: Callable[[Array, Array], Array],
+    f: Callable[[Array, Any], Array],
     x0: Array,
     grid: Array,
     solver: str = "rk4",
-    time_of: Callable[[Array], Array] | None = None,
+    time_of: Callable[[Array], Any] | None = None,
 ) -> Array:
-    """Explicit Runge-Kutta for dx/dtau = f(x, t(tau)) over the grid tau_0, ..., tau_N (any
-    direction); ``time_of`` maps tau to the time t passed to f (identity when None)."""
+    """Explicit Runge-Kutta for dx/dtau = f(x, time_of(tau)) over the grid tau_0, ..., tau_N (any
+    direction; ``time_of`` is the identity when None).  ``time_of`` is evaluated once, vectorised,
+    at every step's start, midpoint and end, and may return a pytree (e.g. t and schedule rates)."""
     c, a, b = TABLEAUS[solver]
     grid = jnp.asarray(grid)
     nodes = jnp.stack([grid[:-1], 0.5 * (grid[:-1] + grid[1:]), grid[1:]], axis=1)  # (N, 3)
-    times = nodes if time_of is None else time_of(nodes)
-    column = [{0.0: 0, 0.5: 1, 1.0: 2}[ci] for ci in c]
+    aux = nodes if time_of is None else time_of(nodes)
+    columns = [{0.0: 0, 0.5: 1, 1.0: 2}[ci] for ci in c]
 
     def step(x, row):
-        tau, t = row
+        tau, aux_row = row
         h = tau[2] - tau[0]
         slopes: list[Array] = []
-        for ai, col in zip(a, column, strict=True):
+        for ai, col in zip(a, columns, strict=True):
             xi = x + h * sum((aij * k for aij, k in zip(ai, slopes, strict=False)), 0.0)
-            slopes.append(f(xi, t[col]))
+            slopes.append(f(xi, jax.tree.map(lambda leaf, col=col: leaf[col], aux_row)))
         return x + h * sum(bi * k for bi, k in zip(b, slopes, strict=True)), None
 
-    x1, _ = jax.lax.scan(step, x0, (nodes, times))
+    x1, _ = jax.lax.scan(step, x0, (nodes, aux))
     return x1
 
 
@@ -92,21 +100,25 @@ def integrate_flow(velocity: Callable[[Array, Array], Array], z0: Array, num_ste
 
 def integrate_probability_flow(
     schedule: Schedule,
-    drift: Callable[[Array, Array], Array],
+    drift: Callable[[Array, Array, Rates], Array],
     z0: Array,
     num_steps: int,
     solver: str = "rk4",
 ) -> Array:
-    """z(1) for dz/dt = drift(z, t) from z(0) = z0, solved as dx/dsigma = (drift(a x, t) - a' x)
-    / (a sigma') in sigma = s/a = exp(-lambda/2) on a grid uniform in lambda, x = z/a."""
+    """z(1) for dz/dt = drift(z, t, rates(t)) from z(0) = z0, solved as dx/dsigma =
+    (drift(a x, t) - a' x) / (a sigma') in sigma = s/a = exp(-lambda/2) on a grid uniform in
+    lambda, x = z/a."""
     dtype = jnp.result_type(z0, float)
     lam = jnp.linspace(schedule.gamma_min, schedule.gamma_max, num_steps + 1, dtype=dtype)
-    time_of = lambda sigma: jnp.clip(schedule.time(-2.0 * jnp.log(sigma)), 0.0, 1.0)
 
-    def f(x, t):
-        a, s, da, ds = schedule.rates(t)
-        dsigma = (ds * a - s * da) / a**2
-        return (drift(a * x, t) - da * x) / (a * dsigma)
+    def time_of(sigma):
+        t = jnp.clip(schedule.time(-2.0 * jnp.log(sigma)), 0.0, 1.0)
+        return t, schedule.rates(t)
+
+    def f(x, aux):
+        t, r = aux
+        dsigma = (r.ds * r.a - r.s * r.da) / r.a**2
+        return (drift(r.a * x, t, r) - r.da * x) / (r.a * dsigma)
 
     a0, _ = schedule.signal_noise(jnp.zeros((), dtype))
     a1, _ = schedule.signal_noise(jnp.ones((), dtype))
@@ -287,7 +299,7 @@ class _DenoisingProtocol(_FlowProtocol):
         """z(1) of the probability-flow ODE from z(0) = 0."""
         z0 = jnp.zeros(model.field.dim, jnp.result_type(eta, float))
         return integrate_probability_flow(
-            model.schedule, lambda z, t: drift(model.schedule, z, t, model.field(z, t, eta)),
+            model.schedule, lambda z, t, rates: drift(rates, z, model.field(z, t, eta)),
             z0, self._options["num_steps"], self._options["solver"],
         )
 

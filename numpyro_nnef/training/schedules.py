@@ -15,12 +15,12 @@ so alpha_bar is never 0 or 1 and a, s > 0 on all of [0, 1].
 - ``learnable``: lambda(t) = gamma_min + (gamma_max - gamma_min) phi(t), phi a learned convex
   combination of monotone basis functions with phi(0) = 0, phi(1) = 1 (weights nnx.Param).
 
-Derivatives in t are taken by forward-mode autodiff (``Schedule.rates``).
+The derivative lambda'(t) is taken by forward-mode autodiff (``Schedule.rates``).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,19 @@ from flax import nnx
 
 Array = jax.Array
 BISECTION_STEPS = 60  # halves [0, 1] below float64 resolution
+
+
+class Rates(NamedTuple):
+    """a(t), s(t) and their time derivatives."""
+
+    a: Array
+    s: Array
+    da: Array
+    ds: Array
+
+
+def _signal_noise(lam: Array) -> tuple[Array, Array]:
+    return jnp.exp(0.5 * jax.nn.log_sigmoid(lam)), jnp.exp(0.5 * jax.nn.log_sigmoid(-lam))
 
 
 class Schedule(nnx.Module):
@@ -53,14 +66,15 @@ class Schedule(nnx.Module):
 
     def signal_noise(self, t: Array) -> tuple[Array, Array]:
         """(a, s) = (sqrt(sigmoid(lambda)), sqrt(sigmoid(-lambda))), computed in log space."""
-        lam = self.log_snr(t)
-        return jnp.exp(0.5 * jax.nn.log_sigmoid(lam)), jnp.exp(0.5 * jax.nn.log_sigmoid(-lam))
+        return _signal_noise(self.log_snr(t))
 
-    def rates(self, t: Array) -> tuple[Array, Array, Array, Array]:
-        """(a, s, da/dt, ds/dt) at t (elementwise, forward-mode autodiff)."""
+    def rates(self, t: Array) -> Rates:
+        """(a, s, da/dt, ds/dt) with a' = a s^2 lambda' / 2 and s' = -s a^2 lambda' / 2 (from
+        a^2 = sigmoid(lambda)); lambda' by forward-mode autodiff."""
         t = jnp.asarray(t)
-        (a, s), (da, ds) = jax.jvp(self.signal_noise, (t,), (jnp.ones_like(t),))
-        return a, s, da, ds
+        lam, dlam = jax.jvp(self.log_snr, (t,), (jnp.ones_like(t),))
+        a, s = _signal_noise(lam)
+        return Rates(a, s, 0.5 * a * s**2 * dlam, -0.5 * s * a**2 * dlam)
 
     def log_snr_rate(self, t: Array) -> Array:
         """d lambda / dt (> 0)."""
@@ -70,7 +84,8 @@ class Schedule(nnx.Module):
     def snr_rate(self, t: Array) -> Array:
         """d SNR / dt = exp(lambda) d lambda / dt, SNR = alpha_bar / (1 - alpha_bar)."""
         t = jnp.asarray(t)
-        return jax.jvp(lambda u: jnp.exp(self.log_snr(u)), (t,), (jnp.ones_like(t),))[1]
+        lam, dlam = jax.jvp(self.log_snr, (t,), (jnp.ones_like(t),))
+        return jnp.exp(lam) * dlam
 
 
 class LinearSchedule(Schedule):
@@ -199,15 +214,15 @@ def build_schedule(name: str, *, gamma_min: float, gamma_max: float, **kwargs: A
 # ----------------------------------------------------------------------------- drifts
 
 
-def eps_drift(schedule: Schedule, z: Array, t: Array, eps_hat: Array) -> Array:
+def eps_drift(rates: Rates, z: Array, eps_hat: Array) -> Array:
     """Probability-flow drift for a noise prediction (y_hat = (z - s eps_hat) / a):
     dz/dt = a' y_hat + s' eps_hat = (a'/a) z + (s' - a' s / a) eps_hat."""
-    a, s, da, ds = schedule.rates(t)
+    a, s, da, ds = rates
     return (da / a) * z + (ds - da * s / a) * eps_hat
 
 
-def denoiser_drift(schedule: Schedule, z: Array, t: Array, y_hat: Array) -> Array:
+def denoiser_drift(rates: Rates, z: Array, y_hat: Array) -> Array:
     """Probability-flow drift for a clean-target prediction (eps_hat = (z - a y_hat) / s):
     dz/dt = a' y_hat + s' (z - a y_hat) / s."""
-    a, s, da, ds = schedule.rates(t)
+    a, s, da, ds = rates
     return da * y_hat + ds * (z - a * y_hat) / s

@@ -32,7 +32,7 @@ from ..oracles.neural import NeuralOracle, Standardization, has_learned_log_part
 from .losses import WEIGHTINGS, sobolev_loss, standardised_covariance, target_weights
 from .protocols import get_protocol
 
-__all__ = ["TrainingReport", "train_oracle"]
+__all__ = ["TrainingReport", "train_oracle", "usable_points"]
 
 ANCHORS = ("auto", "quadrature", "importance", None)
 
@@ -63,8 +63,9 @@ class TrainingReport:
         return data
 
 
-def _usable(dataset: ExpectationDataset, drop_failed: bool) -> tuple[np.ndarray, dict[str, int]]:
-    """Mask of points used for training, and the counts of points excluded and why."""
+def usable_points(dataset: ExpectationDataset, drop_failed: bool = True
+                  ) -> tuple[np.ndarray, dict[str, int]]:
+    """Mask of the points train_oracle uses, and the counts of points excluded and why."""
     finite = (np.isfinite(dataset.mean).all(1) & np.isfinite(dataset.cov).all((1, 2))
               & np.isfinite(dataset.mcse).all(1))
     keep = finite & (dataset.passed if drop_failed else True)
@@ -136,7 +137,7 @@ def train_oracle(
     proto = get_protocol(protocol, **(protocol_options or {}))
     hyperparameters = dict(hyperparameters or {})
 
-    keep, excluded = _usable(dataset, drop_failed)
+    keep, excluded = usable_points(dataset, drop_failed)
     if keep.sum() < 10:
         raise ValueError(f"only {int(keep.sum())} usable points in the dataset (excluded: "
                          f"{excluded}); need at least 10")
@@ -246,8 +247,10 @@ def train_oracle(
         family, proto, architecture, hyperparameters, model, st,
         train.eta.min(0), train.eta.max(0), anchor=anchor_estimate, out_of_range=out_of_range,
     )
-    test_rmse = (np.sqrt(np.mean((np.asarray(oracle.mean(test.eta)) - test.mean) ** 2, axis=0))
-                 if len(test) else np.full(dim, np.nan))
+    with warnings.catch_warnings():  # test etas may lie just outside the training box
+        warnings.simplefilter("ignore", RuntimeWarning)
+        test_rmse = (np.sqrt(np.mean((np.asarray(oracle.mean(test.eta)) - test.mean) ** 2, 0))
+                     if len(test) else np.full(dim, np.nan))
     report = TrainingReport(
         history={k: np.asarray(v) for k, v in history.items()},
         best_epoch=int(best[1]), best_val_rmse=float(best[0]), stopped_early=stopped_early,
@@ -259,7 +262,8 @@ def train_oracle(
         k: v for k, v in report.to_json().items() if k != "history"
     } | {"dataset_size": len(dataset), "learning_rate": learning_rate,
          "batch_size": batch, "weighting": weighting, "sobolev_weight": sobolev_weight,
-         "fractions": list(fractions), "split_seed": split_seed}
+         "fractions": list(fractions), "split_seed": split_seed,
+         "drop_failed": drop_failed}
     if output_dir is not None:
         oracle.save(output_dir)
         save_learning_curves(report, output_dir)
