@@ -190,11 +190,20 @@ class NeuralOracle(Oracle):
             )
         return jnp.asarray(self.anchor.value, eta.dtype) + self._relative_log_partition(eta)
 
+    def natural_from_mean(self, mu: Array, *, init: Array | None = None, max_steps: int = 100,
+                          tol: float = 1e-9) -> Array:
+        """eta with E[T | eta] = mu, searched inside the training range; Newton starts at
+        ``init``, by default the mean of the training etas (feasible: the domain is convex)."""
+        if init is None:
+            init = jnp.asarray(self.standardization.eta_shift)
+        return super().natural_from_mean(mu, init=init, max_steps=max_steps, tol=tol)
+
     def natural_from_mean_single(self, mu: Array, init: Array, max_steps: int = 100,
                                  tol: float = 1e-9) -> tuple[Array, Array]:
         """(eta, converged) with E[T | eta] = mu: Newton on the convex A(eta) - eta . mu for a
-        learned A; for a direct network (whose mean need not be an exact gradient) Newton on the
-        residual mean(eta) - mu, backtracking on its squared norm inside the natural domain."""
+        learned A; for a direct network (whose mean need not be an exact gradient, nor one-to-one
+        where it extrapolates) Newton on the residual mean(eta) - mu, backtracking on its squared
+        norm inside the natural domain and the training range (plus a 10% margin)."""
         if self.learned_log_partition:
             return newton_natural_from_mean(self, mu, init, max_steps, tol,
                                             log_partition=self._learned_log_partition)
@@ -202,10 +211,14 @@ class NeuralOracle(Oracle):
         jacobian = jax.jacfwd(self.mean_single)
         threshold = tol + 100 * jnp.finfo(mu.dtype).eps * (1.0 + jnp.max(jnp.abs(mu)))
 
+        margin = 0.1 * (self.eta_high - self.eta_low)
+        low, high = self.eta_low - margin, self.eta_high + margin
+
         def merit(eta):
             residual = self.mean_single(eta) - mu
             value = 0.5 * residual @ residual
-            inside = family.in_domain(eta[None])[0] & jnp.isfinite(value)
+            in_range = jnp.all((eta >= low) & (eta <= high))
+            inside = family.in_domain(eta[None])[0] & jnp.isfinite(value) & in_range
             return jnp.where(inside, value, jnp.inf)
 
         def step(carry):

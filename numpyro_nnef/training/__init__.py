@@ -2,7 +2,7 @@
 
 from .losses import sobolev_loss, standardised_covariance, target_weights
 from .protocols import PROTOCOLS, Protocol, get_protocol
-from .trainer import TrainingReport, save_learning_curves, train_oracle
+from .trainer import TrainingReport, save_learning_curves, train_oracle, usable_points
 
 __all__ = [
     "PROTOCOLS",
@@ -14,4 +14,5 @@ __all__ = [
     "standardised_covariance",
     "target_weights",
     "train_oracle",
+    "usable_points",
 ]

@@ -23,7 +23,9 @@ and how it predicts E[T] for one eta.  All work in standardised coordinates.
   x = z/a: dz/dt = g(z, t) becomes dx/dsigma = (g(a x, t) - a' x) / (a sigma'), which is the
   implied noise prediction (z - a y_hat)/s itself.  It is constant along the flow of a perfect
   field for a deterministic target, so any Runge-Kutta step is exact there, and it has no
-  1/alpha_bar stiffness at the noise end (DDIM is Euler's method in these variables).
+  1/alpha_bar stiffness at the noise end (DDIM is Euler's method in these variables).  Hence the
+  default ``num_steps``: 8 for ct and df, 16 for fm (on a smooth 2-d toy, ct/df predictions stop
+  changing at 4 RK4 steps and fm's at 8-16).
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def solve_ode(
         for ai, col in zip(a, columns, strict=True):
             xi = x + h * sum((aij * k for aij, k in zip(ai, slopes, strict=False)), 0.0)
             slopes.append(f(xi, jax.tree.map(lambda leaf, col=col: leaf[col], aux_row)))
-        return x + h * sum(bi * k for bi, k in zip(b, slopes, strict=True)), None
+        x_next = x + h * sum(bi * k for bi, k in zip(b, slopes, strict=True))
+        return x_next.astype(x.dtype), None
 
     x1, _ = jax.lax.scan(step, x0, (nodes, aux))
     return x1
@@ -308,7 +311,7 @@ class ContinuousTime(_DenoisingProtocol):
     """NoProp-CT-style denoising: the field predicts the clean target y from (z_t, t, eta)."""
 
     name = "ct"
-    defaults = {"num_steps": 16, "solver": "rk4", "schedule": "learnable",
+    defaults = {"num_steps": 8, "solver": "rk4", "schedule": "learnable",
                 "gamma_min": -6.0, "gamma_max": 6.0}
 
     def loss(self, model: DenoisingModel, eta: Array, target: Array, weights: Array,
@@ -330,7 +333,7 @@ class Diffusion(_DenoisingProtocol):
     """Diffusion with noise prediction: the field predicts eps from (z_t, t, eta)."""
 
     name = "df"
-    defaults = {"num_steps": 16, "solver": "rk4", "schedule": "cosine",
+    defaults = {"num_steps": 8, "solver": "rk4", "schedule": "cosine",
                 "gamma_min": -6.0, "gamma_max": 6.0}
 
     def loss(self, model: DenoisingModel, eta: Array, target: Array, weights: Array,
