@@ -45,7 +45,7 @@ import numpy as np
 
 from numpyro_nnef import ExactOracle, ExpectationDataset, families, generate_dataset, sample_etas
 from numpyro_nnef.nn import ARCHITECTURES, FLOW_ARCHITECTURES
-from numpyro_nnef.training import PROTOCOLS, train_oracle
+from numpyro_nnef.training import PROTOCOLS, train_oracle, usable_points
 
 jax.config.update("jax_enable_x64", True)
 
@@ -140,9 +140,8 @@ def load_or_generate(label: str, config: dict, seed: int) -> ExpectationDataset:
 
 
 def test_split(dataset: ExpectationDataset) -> ExpectationDataset:
-    """The test part of train_oracle's split (same exclusion of unusable points, same seed)."""
-    usable = (np.isfinite(dataset.mean).all(1) & np.isfinite(dataset.cov).all((1, 2))
-              & np.isfinite(dataset.mcse).all(1) & dataset.passed)
+    """The test part of train_oracle's default split (its usable points, fractions and seed)."""
+    usable, _ = usable_points(dataset)
     return dataset.subset(np.flatnonzero(usable)).split((0.8, 0.1, 0.1), seed=0)[2]
 
 
@@ -268,8 +267,9 @@ def family_table(rows: list[dict], nuts_s: float) -> list[str]:
             lines.append(f"| {r['protocol']} | {r['architecture']} | failed: "
                          f"{r['error'].splitlines()[-1][:80]} |" + " |" * 10)
             continue
+        nrmse = fmt(r["nrmse"]) if np.isfinite(r["nrmse"]) else "non-finite"
         lines.append(
-            f"| {r['protocol']} | {r['architecture']} | {fmt(r['nrmse'])} | "
+            f"| {r['protocol']} | {r['architecture']} | {nrmse} | "
             f"{fmt(r['data_nrmse'])} | {fmt(r['ratio'])} | {fmt(r['max_rel_err'])} | "
             f"{fmt(r['cov_rel_err'])} | {fmt(r['logz_max_err'])} | {r['train_s']:.1f} | "
             f"{r['best_epoch']}/{r['last_epoch']} | {r['eval_s_per_eta'] * 1e6:.3g} | "
@@ -278,8 +278,9 @@ def family_table(rows: list[dict], nuts_s: float) -> list[str]:
     return lines
 
 
-def overall_ranking(by_family: dict[str, list[dict]]) -> list[str]:
-    """Mean rank (by ratio) of each pair over the families, and its number of wins."""
+def overall_ranking(by_family: dict[str, list[dict]]) -> tuple[list[str], str]:
+    """Tables of the mean rank (by ratio) of each pair over the families and its number of
+    wins, and of each protocol; plus a sentence naming the best pair and protocol."""
     ranks: dict[tuple[str, str], list[int]] = {}
     wins: dict[tuple[str, str], int] = {}
     for rows in by_family.values():
@@ -298,18 +299,30 @@ def overall_ranking(by_family: dict[str, list[dict]]) -> list[str]:
     for rows in by_family.values():
         for r in rows:
             if "error" not in r:
-                ratios.setdefault((r["protocol"], r["architecture"]), []).append(r["ratio"])
+                ratios.setdefault((r["protocol"], r["architecture"]), []).append(ratio_of(r))
     for i, (pair, rk) in enumerate(table):
         lines.append(f"| {i + 1} | {pair[0]} | {pair[1]} | {np.mean(rk):.1f} | "
-                     f"{np.median(ratios[pair]):.3g} | {wins.get(pair, 0)} | {len(rk)} |")
+                     f"{fmt(np.median(ratios[pair]))} | {wins.get(pair, 0)} | {len(rk)} |")
     protocol_ranks: dict[str, list[float]] = {}
     for pair, rk in ranks.items():
         protocol_ranks.setdefault(pair[0], []).extend(rk)
     lines += ["", "| protocol | mean rank of its pairs | wins |", "|---|---:|---:|"]
-    for proto, rk in sorted(protocol_ranks.items(), key=lambda kv: np.mean(kv[1])):
+    by_protocol = sorted(protocol_ranks.items(), key=lambda kv: np.mean(kv[1]))
+    for proto, rk in by_protocol:
         w = sum(v for k, v in wins.items() if k[0] == proto)
         lines.append(f"| {proto} | {np.mean(rk):.1f} | {w} |")
-    return lines
+    if not table:
+        return lines, ""
+    (top, top_ranks), most_wins = table[0], max(wins, key=wins.get)
+    sentence = (
+        f"Best overall: {top[0]}/{top[1]} by mean rank ({np.mean(top_ranks):.1f} over "
+        f"{len(top_ranks)} families, {wins.get(top, 0)} wins); most wins: "
+        f"{most_wins[0]}/{most_wins[1]} ({wins[most_wins]}). Best protocol: {by_protocol[0][0]} "
+        f"(mean rank of its pairs {np.mean(by_protocol[0][1]):.1f}, "
+        f"{sum(v for k, v in wins.items() if k[0] == by_protocol[0][0])} of {len(by_family)} "
+        "wins)."
+    )
+    return lines, sentence
 
 
 def markdown(results: dict, config: dict, datasets: dict, labels: list[str], elapsed: float,
@@ -364,16 +377,29 @@ def markdown(results: dict, config: dict, datasets: dict, labels: list[str], ela
                "(scalar x) | NUTS s/eta | eval us/eta | speed-up >= 1e4 |",
                "|---|---|---:|---:|---|---|---:|---:|---|"]
     misses = []
+    nuts_per_eta = {}
     for label in labels:
         rows = by_family[label]
         ds = datasets[label]
         bench = ds.metadata["benchmark"]
         nuts_s = bench["generation_wall_time_s"] / len(ds)
+        nuts_per_eta[label] = nuts_s
         _, low, high, scale, scalar = FAMILIES[label]
+        failed = ~ds.passed
+        diverged = int((failed & (ds.divergences > 0)).sum())
+        num_test = len(test_split(ds))
         text += [f"## {label}", "",
-                 f"eta box low={low}, high={high}, scale={scale}; N={len(ds)} "
-                 f"({int((~ds.passed).sum())} failed the diagnostics), generation "
-                 f"{bench['generation_wall_time_s']:.1f} s = {nuts_s:.3g} s per eta.", ""]
+                 f"eta box low={low}, high={high}, scale={scale}; N={len(ds)}, "
+                 f"{int(failed.sum())} failed the diagnostics after retries ({diverged} with "
+                 f"divergences) and are excluded by the trainer, leaving {num_test} test eta; "
+                 f"generation {bench['generation_wall_time_s']:.1f} s = {nuts_s:.3g} s per eta.",
+                 ""]
+        if failed.mean() > 0.1:
+            misses.append(
+                f"- {label}: {int(failed.sum())} of {len(ds)} NUTS points failed the diagnostics "
+                f"({diverged} with divergences, the rest on r-hat/ESS); the trainer drops them, so "
+                f"training and the {num_test} test eta cover only the part of the box where NUTS "
+                "passes.")
         text += family_table(rows, nuts_s) + [""]
         ok = [r for r in rows if "error" not in r]
         if not ok:
@@ -408,9 +434,29 @@ def markdown(results: dict, config: dict, datasets: dict, labels: list[str], ela
         if not speed_pass:
             misses.append(f"- {label}: the best pair's speed-up is {speedup:.3g} < 10^4.")
     text += ["## Summary (best pair per family, by ratio)", ""] + summary + [""]
+    flows = [r for rows in by_family.values() for r in rows
+             if "error" not in r and r["protocol"] != "regression"]
+    if flows:
+        best_flow = {label: min((r for r in flows if r["family"] == label), key=ratio_of)
+                     for label in labels if any(r["family"] == label for r in flows)}
+        misses.append(
+            f"- Flow protocols (fm/ct/df, {flow['max_epochs']} epochs, no Sobolev term): the "
+            "best flow pair per family has ratio " + ", ".join(
+                f"{label} {fmt(r['ratio'])} ({r['protocol']}/{r['architecture']})"
+                for label, r in best_flow.items()) + "; their speed-up is " + ", ".join(
+                f"{fmt(nuts_per_eta[label] / r['eval_s_per_eta'], '.2g')}"
+                for label, r in best_flow.items()) + " (an ODE solve per eta).")
+        broken: dict[tuple[str, str], list[str]] = {}
+        for r in flows:
+            if not np.isfinite(r["nrmse"]):
+                broken.setdefault((r["protocol"], r["architecture"]), []).append(r["family"])
+        for (proto, arch), fams in sorted(broken.items()):
+            misses.append(f"- {proto}/{arch}: non-finite predictions on {len(fams)} of "
+                          f"{len(labels)} families ({', '.join(fams)}).")
     text += ["## Misses", "", *(misses or ["None: every goal is met by the best pair."]), ""]
-    text += ["## Overall ranking of the pairs (by ratio within each family)", ""]
-    text += overall_ranking(by_family) + [""]
+    ranking, sentence = overall_ranking(by_family)
+    text += ["## Overall ranking of the pairs (by ratio within each family)", "", sentence, ""]
+    text += ranking + [""]
     return "\n".join(text)
 
 
