@@ -265,10 +265,8 @@ class NeuralOracle(Oracle):
         return eta
 
     def _outside(self, eta: Array) -> Array:
-        """Number of eta outside the training box (with a relative tolerance of 1e-9)."""
-        tol = 1e-9 * (self.eta_high - self.eta_low + 1.0)
-        bad = (eta < self.eta_low - tol) | (eta > self.eta_high + tol)
-        return jnp.sum(jnp.any(bad, axis=-1))
+        """Number of eta outside the training box."""
+        return jnp.sum(~self._in_box(eta))
 
     def _report_outside(self, outside) -> None:
         count = int(outside)
@@ -286,7 +284,10 @@ class NeuralOracle(Oracle):
 
     def in_training_range(self, eta: Array) -> Array:
         """Boolean mask (batch shape): True where eta lies inside the training box."""
-        eta = self.family.check_eta(eta)
+        return self._in_box(self.family.check_eta(eta))
+
+    def _in_box(self, eta: Array) -> Array:
+        """eta_low <= eta <= eta_high per point, with a relative tolerance of 1e-9."""
         tol = 1e-9 * (self.eta_high - self.eta_low + 1.0)
         return jnp.all((eta >= self.eta_low - tol) & (eta <= self.eta_high + tol), axis=-1)
 
