@@ -91,6 +91,11 @@ class FlowField(ConfiguredModule):
         return LayerStack(din, dout, (self.width,) * self.depth, activation, nnx.Linear, rngs=rngs)
 
 
+def soft_clip(z: Array, bound: float = 4.0) -> Array:
+    """z / sqrt(1 + (z / bound)^2): the identity near 0, bounded by ``bound`` in each entry."""
+    return z / jnp.sqrt(1.0 + (z / bound) ** 2)
+
+
 def _positive_int(name: str, value: Any) -> int:
     if int(value) < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
@@ -197,7 +202,9 @@ class ConvexPotentialFlowField(_ConvexField, _PotentialField):
 
 
 class GeometricFlowField(FlowField):
-    """f = Sigma eta, Sigma = L L^T + eps I (symmetric PSD), L lower-triangular = MLP([z, c])."""
+    """f = Sigma eta, Sigma = L L^T + eps I (symmetric PSD), L lower-triangular =
+    MLP([soft_clip(z), c]).  Sigma is bounded in z, so the field is too and no probability-flow
+    ODE built on it can blow up in finite time (with L linear in z it would grow like |z|^2)."""
 
     name = "geometric_flow"
     square = True
@@ -213,7 +220,7 @@ class GeometricFlowField(FlowField):
     def matrix(self, z: Array, t: Array, eta: Array) -> Array:
         """Sigma(z, t, eta) = L L^T + eps I, shape (dim, dim)."""
         self._check(z, t, eta)
-        entries = self.body(jnp.concatenate([z, self.conditioning(t, eta)]))
+        entries = self.body(jnp.concatenate([soft_clip(z), self.conditioning(t, eta)]))
         rows, cols = np.tril_indices(self.dim)
         chol = jnp.zeros((self.dim, self.dim), entries.dtype).at[rows, cols].set(entries)
         return chol @ chol.T + self.eps * jnp.eye(self.dim, dtype=entries.dtype)
@@ -223,7 +230,8 @@ class GeometricFlowField(FlowField):
 
 
 class NaturalFlowField(FlowField):
-    """f = S S^T eta, S (dim x rank) = MLP([z, c]) reshaped; rank = dim when ``rank`` is None."""
+    """f = S S^T eta, S (dim x rank) = MLP([soft_clip(z), c]) reshaped (bounded in z, as in
+    ``GeometricFlowField``); rank = dim when ``rank`` is None."""
 
     name = "natural_flow"
     square = True
@@ -236,7 +244,7 @@ class NaturalFlowField(FlowField):
     def factor(self, z: Array, t: Array, eta: Array) -> Array:
         """S(z, t, eta), shape (dim, rank)."""
         self._check(z, t, eta)
-        out = self.body(jnp.concatenate([z, self.conditioning(t, eta)]))
+        out = self.body(jnp.concatenate([soft_clip(z), self.conditioning(t, eta)]))
         return out.reshape(self.dim, self.rank)
 
     def matrix(self, z: Array, t: Array, eta: Array) -> Array:
