@@ -4,6 +4,7 @@ from . import families
 from .dataset import ExpectationDataset
 from .distribution import EFDistribution
 from .family import ExponentialFamily, NaturalDomain, OutOfDomainError, whole_space
+from .infer import CAVI, CAVIGuide, NonConjugateError, analyse_model
 from .oracles import (
     ExactOracle,
     LogPartitionEstimate,
@@ -19,6 +20,10 @@ from .training import TrainingReport, train_oracle
 __version__ = "0.1.0"
 
 __all__ = [
+    "CAVI",
+    "CAVIGuide",
+    "NonConjugateError",
+    "analyse_model",
     "EFDistribution",
     "ExactOracle",
     "ExpectationDataset",

@@ -1,0 +1,354 @@
+"""Conjugacy analysis of a NumPyro model: its latent sites, their statistics, their families.
+
+``analyse_model`` traces the model, rewrites its log joint into einsum terms in per-site
+statistics (``symbolic.py``), and returns a :class:`ConjugateModel` whose
+``expected_log_joint(mu)`` is E_q[log p(x)] under the mean-field q, exact because the log joint is
+multilinear in the statistics of distinct elements:
+
+- every latent site is factorised over its elements (its batch axes, and the axes an
+  ``Independent``/``to_event`` wrapper adds); an element is one draw of the innermost base
+  distribution (a scalar for Normal, a vector for Dirichlet);
+- a product of two factors of one site at different elements, c_ij s_a(x_i) s_b(x_j), has
+  expectation sum_ij c_ij mu_a,i mu_b,j - sum_i c_ii mu_a,i mu_b,i + sum_i c_ii E[s_a s_b](x_i):
+  the diagonal is rewritten into the product statistic s_a s_b of one element.
+
+Each site's statistics are matched to a family by a least-squares fit on draws from the site's
+support: s(x) = B T(x) + c exactly, so that eta_family = B^T d ELJ / d mu_s and mu_s = B mu + c.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.distributions import constraints
+from numpyro.infer.util import log_density
+
+from .. import families
+from ..family import ExponentialFamily
+from ..oracles import ExactOracle
+from .symbolic import Factor, NonConjugateError, Poly, Stat, Term, trace_log_density
+
+Array = jax.Array
+
+__all__ = ["LatentSite", "SiteFamily", "ConjugateModel", "analyse_model", "NonConjugateError"]
+
+NUM_DRAWS = 64  # support draws for support checks and family matching
+FIT_TOLERANCE = 1e-7
+# built-in families with exact oracles that CAVI may assign to a site, tried smallest first
+NAMED_FAMILIES = ("Gaussian", "GaussLaplace", "Gamma", "Exponential", "InverseGamma",
+                  "RectifiedGaussian", "Beta", "VonMises", "Bernoulli", "Categorical",
+                  "Dirichlet", "Poisson", "MultivariateNormal")
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentSite:
+    """A latent sample site: its value's shape split into element axes (factorised) and the
+    element's own shape (one q factor per element)."""
+
+    name: str
+    shape: tuple[int, ...]
+    element_shape: tuple[int, ...]
+    support: constraints.Constraint
+    prior: dist.Distribution
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return self.shape[: len(self.shape) - len(self.element_shape)]
+
+
+def _base_distribution(fn: dist.Distribution) -> dist.Distribution:
+    while isinstance(fn, (dist.Independent, dist.ExpandedDistribution, dist.MaskedDistribution)):
+        fn = fn.base_dist
+    return fn
+
+
+def model_sites(model: Callable, args: tuple, kwargs: dict, key: Array
+                ) -> tuple[dict[str, LatentSite], dict[str, dict]]:
+    """(latent sites in the model's order, the model trace) with checks on observed data."""
+    trace = handlers.trace(handlers.seed(model, key)).get_trace(*args, **kwargs)
+    latent: dict[str, LatentSite] = {}
+    for name, site in trace.items():
+        if site["type"] != "sample":
+            continue
+        if site["is_observed"]:
+            value = np.asarray(site["value"])
+            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+                raise ValueError(
+                    f"observed site {name!r} contains NaN or infinite values "
+                    f"({int((~np.isfinite(value)).sum())} of {value.size}); remove or mask them"
+                )
+            continue
+        base = _base_distribution(site["fn"])
+        value = np.asarray(site["value"])
+        latent[name] = LatentSite(name, value.shape, tuple(base.event_shape),
+                                  site["fn"].support, site["fn"])
+    if not latent:
+        raise ValueError("the model has no latent sample sites: nothing to infer")
+    return latent, trace
+
+
+# ----------------------------------------------------------------------------- families
+
+
+@dataclasses.dataclass
+class SiteFamily:
+    """A site's family and the affine map between the site's statistics and the family's:
+    s(x) = B T(x) + c (s flattened to ``num_stats`` numbers per element)."""
+
+    family: ExponentialFamily
+    oracle: Any
+    B: np.ndarray  # (num_stats, stat_dim)
+    c: np.ndarray  # (num_stats,)
+
+    def natural(self, grad_s: Array) -> Array:
+        """eta = B^T d ELJ / d s, per element: (..., num_stats) -> (..., stat_dim)."""
+        return grad_s @ jnp.asarray(self.B)
+
+    def site_stats(self, mean: Array) -> Array:
+        """E[s] = B E[T] + c, per element."""
+        return mean @ jnp.asarray(self.B).T + jnp.asarray(self.c)
+
+
+def _compatible(site_support: constraints.Constraint, family: ExponentialFamily) -> bool:
+    a, b = type(site_support).__name__, type(family.support).__name__
+    positive = {"_GreaterThan", "_Positive", "_GreaterThanEq", "_Nonnegative"}
+    if a in positive and b in positive:
+        return True
+    if a != b:
+        return False
+    if hasattr(site_support, "upper_bound") and hasattr(family.support, "upper_bound"):
+        return np.all(np.asarray(site_support.upper_bound) == np.asarray(
+            family.support.upper_bound)) and np.all(np.asarray(site_support.lower_bound) ==
+                                                     np.asarray(family.support.lower_bound))
+    return True
+
+
+def candidate_families(site: LatentSite) -> list[ExponentialFamily]:
+    """Built-in families with an exact oracle whose support and element shape fit the site."""
+    base = _base_distribution(site.prior)
+    k = site.element_shape[0] if site.element_shape else None
+    out: list[ExponentialFamily] = []
+    for name in NAMED_FAMILIES:
+        if name not in families.REGISTRY:
+            continue
+        if name == "Categorical":
+            if not hasattr(base.support, "upper_bound"):
+                continue
+            fam = families.get_family(name, num_categories=int(base.support.upper_bound) + 1)
+        elif name in ("Dirichlet", "MultivariateNormal"):
+            if k is None:
+                continue
+            fam = families.get_family(name, dim=k)
+        else:
+            fam = families.get_family(name)
+        if tuple(fam.event_shape) == site.element_shape and _compatible(site.support, fam):
+            out.append(fam)
+    return sorted(out, key=lambda f: f.stat_dim)
+
+
+def fit_statistics(stats: Callable[[Array], Array], family: ExponentialFamily,
+                   elements: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(B, c) with stats(x) = B T(x) + c on every element draw, or None when no exact fit."""
+    s = np.asarray(jax.vmap(stats)(jnp.asarray(elements)))
+    t = np.asarray(family.sufficient_statistics(jnp.asarray(elements)))
+    if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
+        return None
+    design = np.concatenate([t, np.ones((len(t), 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(design, s, rcond=None)
+    resid = np.abs(design @ coef - s).max()
+    if resid > FIT_TOLERANCE * max(1.0, np.abs(s).max()):
+        return None
+    return coef[:-1].T, coef[-1]
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+@dataclasses.dataclass
+class ExpandedTerm:
+    """einsum of constant operands and expectations: ``factors`` are (site, stat index, labels),
+    multilinear in the per-element expectations (a factor is never multiplied by itself)."""
+
+    operands: tuple[tuple[np.ndarray, tuple[int, ...]], ...]
+    factors: tuple[tuple[str, int, tuple[int, ...]], ...]
+
+
+@dataclasses.dataclass
+class ConjugateModel:
+    """The mean-field form of a model: sites, their statistics and families, and E_q[log p]."""
+
+    sites: dict[str, LatentSite]
+    stats: dict[str, list[Stat]]
+    terms: list[ExpandedTerm]
+    constant: float
+    families: dict[str, SiteFamily]
+    self_coupled: dict[str, bool]
+
+    def site_stat_values(self, name: str, x: Array) -> Array:
+        """The site's statistics at one element x, flattened: (num_stats,)."""
+        return jnp.concatenate([jnp.ravel(s(x)) for s in self.stats[name]])
+
+    def stat_sizes(self, name: str) -> list[int]:
+        site = self.sites[name]
+        probe = jnp.zeros(site.element_shape) + 0.5
+        return [int(np.size(jax.eval_shape(s, probe))) for s in self.stats[name]]
+
+    def split(self, name: str, flat: Array) -> list[Array]:
+        """(batch..., num_stats) -> one array per statistic, (batch..., *stat element shape)."""
+        site = self.sites[name]
+        probe = jnp.zeros(site.element_shape) + 0.5
+        out, start = [], 0
+        for s in self.stats[name]:
+            shape = jax.eval_shape(s, probe).shape
+            size = int(np.prod(shape))
+            part = flat[..., start:start + size]
+            out.append(part.reshape((*site.batch_shape, *shape)))
+            start += size
+        return out
+
+    def expected_log_joint(self, mu: Mapping[str, Array]) -> Array:
+        """E_q[log p(x)] from every site's expected statistics mu[site] (batch..., num_stats)."""
+        parts = {name: self.split(name, value) for name, value in mu.items()}
+        total = jnp.asarray(self.constant)
+        for term in self.terms:
+            args: list[Any] = []
+            for array, lab in term.operands:
+                args += [jnp.asarray(array), list(lab)]
+            for site, k, lab in term.factors:
+                args += [parts[site][k], list(lab)]
+            labels = sorted({i for a in args[1::2] for i in a})
+            index = {lab: j for j, lab in enumerate(labels)}
+            args = [[index[i] for i in a] if isinstance(a, list) else a for a in args]
+            total = total + jnp.einsum(*args, [], optimize="greedy")
+        return total
+
+
+def _element_labels(site: LatentSite, labels: tuple[int, ...]) -> tuple[int, ...]:
+    return labels[: len(site.batch_shape)]
+
+
+def _expand(term: Term, sites: Mapping[str, LatentSite], stat_index: Callable[[str, Stat], int]
+            ) -> list[ExpandedTerm]:
+    """A symbolic term as signed multilinear terms in expectations (diagonals rewritten)."""
+    by_site: dict[str, list[Factor]] = {}
+    for f in term.factors:
+        by_site.setdefault(f.site, []).append(f)
+    variants: list[tuple[float, tuple[tuple[np.ndarray, tuple[int, ...]], ...], list]] = [
+        (1.0, term.operands, [])]
+    for name, fs in by_site.items():
+        site = sites[name]
+        if len(fs) == 1:
+            f = fs[0]
+            variants = [(s, ops, facs + [(name, stat_index(name, f.stat), f.labels)])
+                        for s, ops, facs in variants]
+            continue
+        if len(fs) > 2 or site.element_shape:
+            raise NonConjugateError(
+                f"site {name!r}: a term multiplies {len(fs)} factors of it at different "
+                f"elements ({', '.join(f.stat.name for f in fs)}); mean-field CAVI handles at "
+                f"most pairwise products of scalar elements of one site"
+            )
+        a, b = fs
+        diag = dict(zip(b.labels, a.labels, strict=True))
+        new = []
+        for s, ops, facs in variants:
+            full = facs + [(name, stat_index(name, a.stat), a.labels),
+                           (name, stat_index(name, b.stat), b.labels)]
+            new.append((s, ops, full))
+            dops = tuple((arr, tuple(diag.get(i, i) for i in lab)) for arr, lab in ops)
+            dfacs = [(n, k, tuple(diag.get(i, i) for i in lab)) for n, k, lab in facs]
+            new.append((-s, dops, dfacs + [(name, stat_index(name, a.stat), a.labels),
+                                            (name, stat_index(name, b.stat), a.labels)]))
+            new.append((s, dops, dfacs + [(name, stat_index(name, a.stat * b.stat), a.labels)]))
+        variants = new
+    return [ExpandedTerm(ops + ((np.asarray(sign), ()),), tuple(facs))
+            for sign, ops, facs in variants]
+
+
+def analyse_model(
+    model: Callable,
+    *args: Any,
+    key: Array,
+    oracles: Mapping[str, Any] | None = None,
+    **kwargs: Any,
+) -> ConjugateModel:
+    """Trace ``model(*args, **kwargs)`` and return its mean-field :class:`ConjugateModel`.
+
+    ``oracles`` maps site names to user-supplied oracles (their family must span the site's
+    statistics); every other site gets the smallest built-in named family that does.
+    """
+    oracles = dict(oracles or {})
+    k_trace, k_draw = jax.random.split(key)
+    sites, trace = model_sites(model, args, kwargs, k_trace)
+    unknown = set(oracles) - set(sites)
+    if unknown:
+        raise ValueError(f"oracles given for {sorted(unknown)}, which are not latent sites of "
+                         f"the model (latent: {sorted(sites)})")
+    draws = {n: np.asarray(s.prior.sample(k, (NUM_DRAWS,)))
+             for (n, s), k in zip(sites.items(), jax.random.split(k_draw, len(sites)),
+                                  strict=True)}
+    values = {n: np.asarray(trace[n]["value"]) for n in sites}
+
+    def log_joint(vals):
+        return log_density(model, args, kwargs, vals)[0]
+
+    poly = trace_log_density(log_joint, values, draws)
+    if not isinstance(poly, Poly):
+        raise ValueError("the model's log density does not depend on its latent sites")
+    stats: dict[str, list[Stat]] = {n: [] for n in sites}
+
+    def stat_index(name: str, stat: Stat) -> int:
+        if stat not in stats[name]:
+            stats[name].append(stat)
+        return stats[name].index(stat)
+
+    terms: list[ExpandedTerm] = []
+    self_coupled = dict.fromkeys(sites, False)
+    for term in poly.terms:
+        counts: dict[str, int] = {}
+        for f in term.factors:
+            counts[f.site] = counts.get(f.site, 0) + 1
+        for name, c in counts.items():
+            self_coupled[name] |= c > 1
+        terms += _expand(term, sites, stat_index)
+    missing = [n for n, s in stats.items() if not s]
+    if missing:
+        raise ValueError(f"latent site(s) {missing} do not appear in the log density")
+    model_ = ConjugateModel(sites, stats, terms, float(np.sum(poly.constant)), {}, self_coupled)
+    for name, site in sites.items():
+        model_.families[name] = resolve_family(model_, site, draws[name], oracles.get(name))
+    return model_
+
+
+def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, oracle: Any
+                   ) -> SiteFamily:
+    """The site's family: the user's oracle, else the smallest named family spanning its stats."""
+    elements = draws.reshape((-1, *site.element_shape))
+    stats = lambda x: model.site_stat_values(site.name, x)  # noqa: E731
+    names = ", ".join(s.name for s in model.stats[site.name])
+    if oracle is not None:
+        fit = fit_statistics(stats, oracle.family, elements)
+        if fit is None:
+            raise ValueError(
+                f"site {site.name!r}: the oracle's family {oracle.family.name} does not span the "
+                f"statistics [{names}] that the model gives this site")
+        return SiteFamily(oracle.family, oracle, *fit)
+    for fam in candidate_families(site):
+        fit = fit_statistics(stats, fam, elements)
+        if fit is not None:
+            return SiteFamily(fam, ExactOracle(fam), *fit)
+    raise NonConjugateError(
+        f"site {site.name!r} (support {site.support}, element shape {site.element_shape}): no "
+        f"named family has the statistics [{names}] that its complete conditional has. Define "
+        f"the family, e.g. ExponentialFamily.from_statistics('MyFamily', lambda x: {{...}}, "
+        f"event_shape={site.element_shape}, support=...), generate a dataset "
+        f"(generate_dataset), train an oracle (train_oracle) and pass it as "
+        f"CAVIGuide(model, oracles={{{site.name!r}: oracle}})."
+    )

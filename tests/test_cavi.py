@@ -1,0 +1,155 @@
+"""CAVI on plain NumPyro models: the symbolic form, family resolution, fixed points, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.infer import Predictive
+from numpyro.infer.util import log_density
+
+import numpyro_nnef as nnef
+from numpyro_nnef.infer.symbolic import trace_log_density
+
+MU0, LAM0, A0, B0 = 0.5, 2.0, 3.0, 2.0
+
+
+def normal_gamma(y):
+    tau = numpyro.sample("tau", dist.Gamma(A0, B0))
+    mu = numpyro.sample("mu", dist.Normal(MU0, 1 / jnp.sqrt(LAM0 * tau)))
+    with numpyro.plate("n", y.shape[0]):
+        numpyro.sample("y", dist.Normal(mu, 1 / jnp.sqrt(tau)), obs=y)
+
+
+def lasso(X, y, b=1.0):
+    tau = numpyro.sample("tau", dist.Gamma(2.0, 1.0))
+    with numpyro.plate("p", X.shape[1]):
+        w = numpyro.sample("w", dist.Laplace(0.0, b))
+    with numpyro.plate("n", X.shape[0]):
+        numpyro.sample("y", dist.Normal(X @ w, 1 / jnp.sqrt(tau)), obs=y)
+
+
+@pytest.fixture(scope="module")
+def ng_data():
+    return jnp.asarray(np.random.default_rng(0).normal(1.0, 0.7, size=20))
+
+
+@pytest.fixture(scope="module")
+def lasso_data():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(30, 4))
+    w = np.array([1.5, 0.0, -0.7, 0.0])
+    return jnp.asarray(X), jnp.asarray(X @ w + 0.5 * rng.normal(size=30))
+
+
+def test_symbolic_form_equals_log_density_at_random_points():
+    def model(y):
+        tau = numpyro.sample("tau", dist.Gamma(2.0, 1.0))
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1 / jnp.sqrt(3.0 * tau)))
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.Normal(mu, 1 / jnp.sqrt(tau)), obs=y)
+        w = numpyro.sample("w", dist.Laplace(0.0, 1.0).expand([3]).to_event(1))
+        numpyro.sample("y2", dist.Normal(jnp.ones((4, 3)) @ w, 1 / jnp.sqrt(tau)), obs=y)
+        numpyro.sample("e", dist.Exponential(2.0))
+        numpyro.sample("b", dist.Beta(2.0, 3.0))
+
+    y = jnp.arange(4.0)
+    rng = np.random.default_rng(0)
+    draws = {"tau": rng.gamma(2, size=8), "mu": rng.normal(size=8), "w": rng.normal(size=(8, 3)),
+             "e": rng.exponential(size=8), "b": rng.uniform(size=8)}
+    values = {k: v[0] for k, v in draws.items()}
+
+    def ld(d):
+        return log_density(model, (y,), {}, d)[0]
+
+    poly = trace_log_density(ld, values, draws)
+    for k in range(1, 4):
+        point = {n: jnp.asarray(v[k]) for n, v in draws.items()}
+        np.testing.assert_allclose(float(poly.at(point)), float(ld(point)), rtol=1e-12)
+
+
+def bishop_fixed_point(y):
+    """Closed-form mean-field fixed point of the Normal-Gamma model (Bishop, PRML 10.1.3)."""
+    y = np.asarray(y)
+    n, ybar = len(y), y.mean()
+    e_tau = 1.0
+    for _ in range(500):
+        mu_n, lam_n = (LAM0 * MU0 + n * ybar) / (LAM0 + n), (LAM0 + n) * e_tau
+        e_mu, e_mu2 = mu_n, mu_n**2 + 1 / lam_n
+        a_n = A0 + (n + 1) / 2
+        b_n = B0 + 0.5 * (np.sum(y**2) - 2 * e_mu * np.sum(y) + n * e_mu2
+                          + LAM0 * (e_mu2 - 2 * MU0 * e_mu + MU0**2))
+        e_tau = a_n / b_n
+    return mu_n, lam_n, a_n, b_n
+
+
+def test_normal_gamma_matches_closed_form(ng_data):
+    guide = nnef.CAVIGuide(normal_gamma)
+    result = nnef.CAVI(normal_gamma, guide, tol=1e-14).run(jax.random.key(0), 50, ng_data)
+    fams = guide.conjugate.families
+    assert fams["mu"].family.name == "Gaussian" and fams["tau"].family.name == "Gamma"
+    mu_n, lam_n, a_n, b_n = bishop_fixed_point(ng_data)
+    loc, scale = fams["mu"].family.loc_scale_from_natural(result.params["mu_eta"])
+    shape, rate = fams["tau"].family.shape_rate_from_natural(result.params["tau_eta"])
+    np.testing.assert_allclose([loc, scale**-2, shape, rate], [mu_n, lam_n, a_n, b_n],
+                               rtol=1e-6)
+    assert result.converged
+    assert np.all(np.diff(result.elbo) >= -1e-9 * np.abs(result.elbo[1:]))
+
+
+def test_lasso_fixed_point_and_monotone_elbo(lasso_data):
+    X, y = lasso_data
+    guide = nnef.CAVIGuide(lasso)
+    result = nnef.CAVI(lasso, guide, tol=1e-13).run(jax.random.key(1), 200, X, y)
+    cm = guide.conjugate
+    assert cm.families["w"].family.name == "GaussLaplace"
+    assert cm.self_coupled["w"] and not cm.self_coupled["tau"]
+    assert np.all(np.diff(result.elbo) >= -1e-9 * np.abs(result.elbo[1:]))
+    # the fixed point, derived by hand: eta_w_i = tau (X^T y - sum_{j!=i} G_ij m_j),
+    # -tau G_ii / 2, -1/b, with G = X^T X and tau = E[tau]
+    state = result.state
+    m = np.asarray(state.mean["w"])[:, 0]
+    e_tau = float(state.mean["tau"][1])
+    G, Xty = np.asarray(X.T @ X), np.asarray(X.T @ y)
+    off = G @ m - np.diag(G) * m
+    expected = np.stack([e_tau * (Xty - off), -0.5 * e_tau * np.diag(G), -np.ones(4)], -1)
+    np.testing.assert_allclose(np.asarray(result.params["w_eta"]), expected, rtol=1e-6,
+                               atol=1e-8)
+
+
+def test_guide_works_with_predictive(ng_data):
+    guide = nnef.CAVIGuide(normal_gamma)
+    result = nnef.CAVI(normal_gamma, guide).run(jax.random.key(0), 20, ng_data)
+    draws = Predictive(normal_gamma, guide=guide, params=result.params, num_samples=50,
+                       return_sites=["mu", "tau", "y"])(jax.random.key(2), ng_data)
+    assert draws["mu"].shape == (50,) and draws["tau"].shape == (50,)
+    assert draws["y"].shape == (50, ng_data.shape[0])
+    assert np.all(np.asarray(draws["tau"]) > 0)
+    idata = guide.to_arviz(jax.random.key(3), result.params, num_samples=100)
+    assert idata.posterior["mu"].shape == (1, 100)
+
+
+def test_non_conjugate_likelihood_names_the_site(ng_data):
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.Laplace(mu, 1.0), obs=y)
+
+    with pytest.raises(nnef.NonConjugateError, match="mu"):
+        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, ng_data)
+
+
+def test_statistics_without_a_named_family_explain_what_to_do():
+    def model():
+        x = numpyro.sample("x", dist.Normal(0.0, 1.0))
+        numpyro.factor("cubic", -0.1 * x**4 + x**3)
+
+    with pytest.raises(nnef.NonConjugateError, match=r"site 'x'.*from_statistics.*oracles="):
+        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5)
+
+
+def test_nan_in_observed_data_is_rejected(ng_data):
+    bad = ng_data.at[3].set(jnp.nan)
+    with pytest.raises(ValueError, match="observed site 'y'.*NaN"):
+        nnef.CAVI(normal_gamma, nnef.CAVIGuide(normal_gamma)).run(jax.random.key(0), 5, bad)
