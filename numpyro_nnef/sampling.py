@@ -72,6 +72,17 @@ class NUTSDraws(NamedTuple):
     x: Array | None = None
 
 
+def _support_transform(family: ExponentialFamily):
+    """``biject_to(family.support)``; ValueError naming the family for a discrete support."""
+    if getattr(family.support, "is_discrete", False):
+        raise ValueError(
+            f"NUTS samples a continuous x, but family {family.name!r} has the discrete support "
+            f"{family.support}; use ExactOracle({family.name}) and family.sample_exact for a "
+            f"named discrete family"
+        )
+    return biject_to(family.support)
+
+
 def unconstrained_log_density(family: ExponentialFamily, eta: Array
                               ) -> Callable[[Array], Array]:
     """The NUTS target for one eta in unconstrained space, up to the constant -A(eta):
@@ -81,7 +92,7 @@ def unconstrained_log_density(family: ExponentialFamily, eta: Array
     Where f(u) rounds onto the edge of a bounded support (|u| large in float arithmetic) the
     value can be NaN or +inf; it is mapped to -inf so that chains are never drawn there.
     """
-    transform = biject_to(family.support)
+    transform = _support_transform(family)
 
     def logdensity(u):
         x = transform(u)
@@ -93,12 +104,12 @@ def unconstrained_log_density(family: ExponentialFamily, eta: Array
 
 
 def _unconstrained_shape(family: ExponentialFamily) -> tuple[int, ...]:
-    return tuple(biject_to(family.support).inverse_shape(family.event_shape))
+    return tuple(_support_transform(family).inverse_shape(family.event_shape))
 
 
 def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_rate, return_x):
     """(key, eta) -> per-eta outputs of ``num_chains`` independent adapted NUTS chains."""
-    transform = biject_to(family.support)
+    transform = _support_transform(family)
     u_shape = _unconstrained_shape(family)
 
     def one_eta(key, eta):
@@ -549,6 +560,7 @@ def generate_dataset(
             f"{family.name}: etas must have shape (N, {family.stat_dim}) with N >= 1 "
             f"(statistics {family.stat_labels}), got {etas_np.shape}"
         )
+    _support_transform(family)  # a discrete support: a clear error before any work
     family.validate_natural(jnp.asarray(etas_np))
     family.check_statistics(jax.random.fold_in(key, 1))
 

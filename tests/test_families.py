@@ -253,7 +253,7 @@ def exact_sampler(name: str):
 
 
 def test_registry_lists_all_builtins():
-    assert set(REGISTRY) == set(FAMILIES)
+    assert set(FAMILIES) <= set(REGISTRY)  # the named families of test_named_families too
     for name, cls in REGISTRY.items():
         assert issubclass(cls, ExponentialFamily)
         family = cls()

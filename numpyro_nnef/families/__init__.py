@@ -1,5 +1,9 @@
 """Built-in exponential families, each with a closed-form log-partition and an exact sampler.
 
+Families with a standard NumPyro equivalent also have ``to_numpyro(eta)`` (all but
+RectifiedGaussian, LaplaceProduct and GaussLaplace). Categorical, Bernoulli and Poisson are
+discrete: ``ExactOracle`` and ``sample_exact`` only (quadrature and NUTS need a continuous x).
+
 ``REGISTRY`` maps class names to classes; ``get_family(name, **kwargs)`` builds one by name.
 """
 
@@ -7,10 +11,13 @@ from __future__ import annotations
 
 from ..family import ExponentialFamily
 from .circular import VonMises
+from .discrete import Bernoulli, Categorical, Poisson
 from .gamma_beta import Beta, Gamma
 from .gaussian import Gaussian, MultivariateNormal
 from .laplace import LaplaceProduct
+from .positive import Exponential, InverseGamma
 from .rectified import GaussLaplace, RectifiedGaussian
+from .simplex import Dirichlet
 
 REGISTRY: dict[str, type[ExponentialFamily]] = {
     cls.__name__: cls
@@ -23,6 +30,12 @@ REGISTRY: dict[str, type[ExponentialFamily]] = {
         RectifiedGaussian,
         LaplaceProduct,
         GaussLaplace,
+        Exponential,
+        InverseGamma,
+        Dirichlet,
+        Categorical,
+        Bernoulli,
+        Poisson,
     )
 }
 
@@ -58,12 +71,18 @@ def family_from_description(description: dict) -> ExponentialFamily:
 
 __all__ = [
     "REGISTRY",
+    "Bernoulli",
     "Beta",
+    "Categorical",
+    "Dirichlet",
+    "Exponential",
     "GaussLaplace",
     "Gamma",
     "Gaussian",
+    "InverseGamma",
     "LaplaceProduct",
     "MultivariateNormal",
+    "Poisson",
     "RectifiedGaussian",
     "VonMises",
     "family_from_description",

@@ -48,6 +48,16 @@ class VonMises(ExponentialFamily):
         eta = self.check_eta(eta)
         return jnp.arctan2(eta[..., 1], eta[..., 0]), jnp.hypot(eta[..., 0], eta[..., 1])
 
+    def to_numpyro(self, eta: Array, *, validate_args: bool | None = None) -> dist.Distribution:
+        """numpyro VonMises(loc, kappa) with batch shape ``eta.shape[:-1]``.
+
+        kappa is floored at 1e-12 (numpyro's sampler divides by it; log_prob changes by
+        under 1e-12), so eta = 0 gives a usable uniform distribution.
+        """
+        loc, kappa = self.loc_concentration_from_natural(eta)
+        return dist.VonMises(loc, jnp.maximum(kappa, _MIN_CONCENTRATION),
+                             validate_args=validate_args)
+
     @jit_sampler
     def sample_exact(self, key: Array, eta: Array, sample_shape: tuple[int, ...] = ()) -> Array:
         """x ~ VonMises(loc, kappa) in [-pi, pi); shape ``sample_shape + batch``."""

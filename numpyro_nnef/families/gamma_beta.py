@@ -50,6 +50,11 @@ class Gamma(ExponentialFamily):
         eta = self.check_eta(eta)
         return eta[..., 0] + 1.0, -eta[..., 1]
 
+    def to_numpyro(self, eta: Array, *, validate_args: bool | None = None) -> dist.Distribution:
+        """numpyro Gamma(shape, rate) with batch shape ``eta.shape[:-1]``."""
+        shape, rate = self.shape_rate_from_natural(eta)
+        return dist.Gamma(shape, rate, validate_args=validate_args)
+
     @jit_sampler
     def sample_exact(self, key: Array, eta: Array, sample_shape: tuple[int, ...] = ()) -> Array:
         """x ~ Gamma(shape, rate); shape ``sample_shape + batch``."""
@@ -94,6 +99,11 @@ class Beta(ExponentialFamily):
         """(a, b) = (eta1 + 1, eta2 + 1)."""
         eta = self.check_eta(eta)
         return eta[..., 0] + 1.0, eta[..., 1] + 1.0
+
+    def to_numpyro(self, eta: Array, *, validate_args: bool | None = None) -> dist.Distribution:
+        """numpyro Beta(a, b) with batch shape ``eta.shape[:-1]``."""
+        a, b = self.concentrations_from_natural(eta)
+        return dist.Beta(a, b, validate_args=validate_args)
 
     @jit_sampler
     def sample_exact(self, key: Array, eta: Array, sample_shape: tuple[int, ...] = ()) -> Array:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from jax.scipy.linalg import cho_solve, solve_triangular
 from numpyro.distributions import constraints
+from numpyro.distributions.util import cholesky_of_inverse
 
 from ..family import Array, ExponentialFamily, NaturalDomain
 from ._special import jit_sampler
@@ -55,6 +58,11 @@ class Gaussian(ExponentialFamily):
         eta = self.check_eta(eta)
         var = -0.5 / eta[..., 1]
         return eta[..., 0] * var, jnp.sqrt(var)
+
+    def to_numpyro(self, eta: Array, *, validate_args: bool | None = None) -> dist.Distribution:
+        """numpyro Normal(loc, scale) with batch shape ``eta.shape[:-1]``."""
+        loc, scale = self.loc_scale_from_natural(eta)
+        return dist.Normal(loc, scale, validate_args=validate_args)
 
     @jit_sampler
     def sample_exact(self, key: Array, eta: Array, sample_shape: tuple[int, ...] = ()) -> Array:
@@ -175,6 +183,14 @@ class MultivariateNormal(ExponentialFamily):
         precision = 0.5 * (precision + precision.T)
         return self.natural_from_loc_precision(m, precision)
 
+    def to_numpyro(self, eta: Array, *, validate_args: bool | None = None) -> dist.Distribution:
+        """numpyro MultivariateNormal(m, Sigma = Lambda^{-1}), batch ``eta.shape[:-1]``.
+
+        Given by ``scale_tril`` (the Cholesky factor of Sigma), computed in one compiled program.
+        """
+        loc, scale_tril = _mvn_loc_scale_tril(self, self.check_eta(eta))
+        return dist.MultivariateNormal(loc, scale_tril=scale_tril, validate_args=validate_args)
+
     @jit_sampler
     def sample_exact(self, key: Array, eta: Array, sample_shape: tuple[int, ...] = ()) -> Array:
         """x ~ MultivariateNormal(m, precision_matrix=Lambda); ``sample_shape + batch + (d,)``."""
@@ -182,3 +198,11 @@ class MultivariateNormal(ExponentialFamily):
         return dist.MultivariateNormal(loc, precision_matrix=precision).sample(
             key, tuple(sample_shape)
         )
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mvn_loc_scale_tril(family: MultivariateNormal, eta: Array) -> tuple[Array, Array]:
+    """(m, chol(Lambda^{-1})) from eta, compiled once per family and shape."""
+    precision = family.precision_from_natural(eta)
+    loc = cho_solve((jnp.linalg.cholesky(precision), True), eta[..., : family.dim, None])
+    return loc[..., 0], cholesky_of_inverse(precision)

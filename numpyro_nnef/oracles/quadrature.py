@@ -114,6 +114,12 @@ class QuadratureOracle(Oracle):
     ):
         super().__init__(family)
         event_shape, support = tuple(family.event_shape), family.support
+        if getattr(support, "is_discrete", False):
+            raise ValueError(
+                f"QuadratureOracle integrates over a continuous x, but family {family.name!r} "
+                f"has the discrete support {support}; use ExactOracle({family.name}) for a named "
+                f"discrete family"
+            )
         # A vector event of size one (e.g. LaplaceProduct(dim=1)) is integrated as a scalar.
         self._unit_vector = event_shape == (1,)
         if self._unit_vector and isinstance(support, constraints.independent) and (
