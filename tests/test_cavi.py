@@ -153,3 +153,32 @@ def test_nan_in_observed_data_is_rejected(ng_data):
     bad = ng_data.at[3].set(jnp.nan)
     with pytest.raises(ValueError, match="observed site 'y'.*NaN"):
         nnef.CAVI(normal_gamma, nnef.CAVIGuide(normal_gamma)).run(jax.random.key(0), 5, bad)
+
+
+def mixture(y, num_components=3):
+    pi = numpyro.sample("pi", dist.Dirichlet(jnp.ones(num_components)))
+    with numpyro.plate("k", num_components):
+        tau = numpyro.sample("tau", dist.Gamma(2.0, 1.0))
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1 / jnp.sqrt(0.1 * tau)))
+    with numpyro.plate("n", y.shape[0]):
+        z = numpyro.sample("z", dist.Categorical(pi))
+        numpyro.sample("y", dist.Normal(mu[z], 1 / jnp.sqrt(tau[z])), obs=y)
+
+
+def test_gaussian_mixture_monotone_and_recovers_clusters():
+    rng = np.random.default_rng(0)
+    centres = np.array([-4.0, 0.0, 4.0])
+    y = jnp.asarray((centres[:, None] + 0.5 * rng.normal(size=(3, 15))).ravel())
+    guide = nnef.CAVIGuide(mixture)
+    result = nnef.CAVI(mixture, guide).run(jax.random.key(0), 200, y)
+    cm = guide.conjugate
+    assert {n: f.family.name for n, f in cm.families.items()} == {
+        "pi": "Dirichlet", "tau": "Gamma", "mu": "Gaussian", "z": "Categorical"}
+    assert result.converged
+    assert np.all(np.diff(result.elbo) >= -1e-9 * np.abs(result.elbo[1:]))
+    means = np.sort(np.asarray(result.state.mean["mu"])[:, 0])
+    np.testing.assert_allclose(means, centres, atol=0.4)
+    # every point is assigned to its own cluster with probability > 0.99
+    probs = np.asarray(result.state.mean["z"])
+    order = np.argsort(np.asarray(result.state.mean["mu"])[:, 0])
+    assert np.all(probs[:, order][np.arange(45), np.repeat(np.arange(3), 15)] > 0.99)

@@ -94,6 +94,19 @@ def model_sites(model: Callable, args: tuple, kwargs: dict, key: Array
     return latent, trace
 
 
+def finite_supports(sites: Mapping[str, LatentSite]) -> dict[str, np.ndarray]:
+    """The values of every site with a finite integer support (Categorical, Bernoulli, ...)."""
+    out = {}
+    for name, site in sites.items():
+        support = site.support
+        if support is constraints.boolean:
+            out[name] = np.arange(2)
+        elif hasattr(support, "lower_bound") and hasattr(support, "upper_bound") and (
+                getattr(support, "is_discrete", False)):
+            out[name] = np.arange(int(support.lower_bound), int(support.upper_bound) + 1)
+    return out
+
+
 # ----------------------------------------------------------------------------- families
 
 
@@ -299,7 +312,7 @@ def analyse_model(
     def log_joint(vals):
         return log_density(model, args, kwargs, vals)[0]
 
-    poly = trace_log_density(log_joint, values, draws)
+    poly = trace_log_density(log_joint, values, draws, finite_supports(sites))
     if not isinstance(poly, Poly):
         raise ValueError("the model's log density does not depend on its latent sites")
     stats: dict[str, list[Stat]] = {n: [] for n in sites}

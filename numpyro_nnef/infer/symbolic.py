@@ -164,6 +164,7 @@ class Term:
 
     def merged(self) -> Term:
         """Factors of one site with identical labels multiplied into one statistic."""
+        self = dedupe_routings(self)  # noqa: PLW0642
         groups: dict[tuple[str, tuple[int, ...]], Stat] = {}
         for f in self.factors:
             key = (f.site, f.labels)
@@ -196,6 +197,53 @@ class Term:
         expand = [k for k, i in enumerate(self.out) if i not in present]
         value = jnp.expand_dims(value, expand) if expand else value
         return jnp.broadcast_to(value, shape)
+
+
+def _one_hot_along(array: np.ndarray, axis: int) -> bool:
+    return bool(np.all((array == 0) | (array == 1)) and np.all(array.sum(axis=axis) == 1))
+
+
+def dedupe_routings(term: Term) -> Term:
+    """Two factors of one site whose differing labels are each picked by the same one-hot
+    routing operand select the same element: sum_ab R[o,a] R[o,b] g(x_a) h(x_b) =
+    sum_a R[o,a] g(x_a) h(x_a). Relabel the second onto the first and drop its routing."""
+    changed = True
+    while changed:
+        changed = False
+        for i, f1 in enumerate(term.factors):
+            for f2 in term.factors[i + 1:]:
+                if f1.site != f2.site or f1.labels == f2.labels:
+                    continue
+                mapping, drop = {}, []
+                for a, b in zip(f1.labels, f2.labels, strict=True):
+                    if a == b:
+                        continue
+                    owners_a = [k for k, (_, lab) in enumerate(term.operands) if a in lab]
+                    owners_b = [k for k, (_, lab) in enumerate(term.operands) if b in lab]
+                    if len(owners_a) != 1 or len(owners_b) != 1 or a in term.out or (
+                            b in term.out):
+                        break
+                    (ka,), (kb,) = owners_a, owners_b
+                    arr_a, lab_a = term.operands[ka]
+                    arr_b, lab_b = term.operands[kb]
+                    if ka == kb or lab_b != tuple(b if x == a else x for x in lab_a) or (
+                            arr_a.shape != arr_b.shape or not np.array_equal(arr_a, arr_b)) or (
+                            not _one_hot_along(arr_a, lab_a.index(a))):
+                        break
+                    if sum(1 for f in term.factors for x in f.labels if x in (a, b)) != 2:
+                        break
+                    mapping[b] = a
+                    drop.append(kb)
+                else:
+                    if mapping:
+                        operands = tuple(o for k, o in enumerate(term.operands) if k not in drop)
+                        term = Term(operands, term.factors, term.out).relabel(mapping)
+                        changed = True
+                if changed:
+                    break
+            if changed:
+                break
+    return term
 
 
 def index_list(labels: list[int], index: Mapping[int, int]) -> list[int]:
@@ -250,6 +298,27 @@ class SampledBool:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.draws.shape[1:]
+
+
+@dataclasses.dataclass
+class Switch:
+    """sum_k 1{z = k} cases[k] for a discrete site z (the indicators partition unity), kept
+    unexpanded so that elementwise functions act casewise: f(sum_k 1_k a_k) = sum_k 1_k f(a_k)."""
+
+    shape: tuple[int, ...]
+    indicators: dict[int, Poly]
+    cases: dict[int, Any]
+
+    def expand(self) -> Value:
+        total: Value = np.zeros(self.shape)
+        for k, case in self.cases.items():
+            total = add(total, multiply(self.indicators[k], case, self.shape), self.shape)
+        return total
+
+
+CASEWISE = {"add", "sub", "mul", "div", "neg", "integer_pow", "square", "sqrt", "rsqrt", "pow",
+            "log", "log1p", "abs", "exp", "convert_element_type", "stop_gradient", "lgamma",
+            "digamma", "expm1", "logistic", "tanh"}
 
 
 def simplify(p: Poly) -> Value:
@@ -359,6 +428,7 @@ LINEAR_BY_BASIS = {
     "slice", "gather", "dynamic_slice", "pad", "rev", "reshape", "squeeze", "expand_dims",
     "copy", "copy_p", "cumsum", "concatenate", "dynamic_update_slice", "select_and_scatter_add",
 }
+IDENTITY_CANDIDATES = {"clamp", "max", "min", "rem", "round", "floor", "ceil", "sign"}
 TRANSPARENT = {"convert_element_type", "stop_gradient", "optimization_barrier", "copy",
                "copy_p", "reduce_precision"}
 COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge", "is_finite"}
@@ -371,8 +441,11 @@ class Interpreter:
     """Evaluates a jaxpr on Poly/constant values; ``draws`` are random site values (M, *shape)
     used to decide site-dependent comparisons."""
 
-    def __init__(self, draws: Mapping[str, np.ndarray]):
+    def __init__(self, draws: Mapping[str, np.ndarray],
+                 finite_supports: Mapping[str, np.ndarray] | None = None):
         self.draws = {k: np.asarray(v) for k, v in draws.items()}
+        self.finite_supports = {k: np.asarray(v) for k, v in (finite_supports or {}).items()}
+        self.indicator_cache: dict[Any, dict[int, Poly]] = {}
 
     # -------------------------------------------------------------- helpers
     def sampled(self, v: Value) -> np.ndarray:
@@ -380,6 +453,8 @@ class Interpreter:
         num = len(next(iter(self.draws.values())))
         if isinstance(v, SampledBool):
             return v.draws
+        if isinstance(v, Switch):
+            v = v.expand()
         if not isinstance(v, Poly):
             return np.broadcast_to(np.asarray(v), (num, *np.shape(v)))
         fn = jax.vmap(lambda d: v.at(d))
@@ -418,10 +493,21 @@ class Interpreter:
         prim, params = eqn.primitive, eqn.params
         name = prim.name
         out_avals = [v.aval for v in eqn.outvars]
-        if not any(isinstance(x, (Poly, SampledBool)) for x in ins):
+        if not any(isinstance(x, (Poly, SampledBool, Switch)) for x in ins):
             outs = prim.bind(*[jnp.asarray(x) for x in ins], **params)
             outs = outs if prim.multiple_results else [outs]
             return [np.asarray(o) for o in outs]
+        switches = [x for x in ins if isinstance(x, Switch)]
+        if switches and name not in CALLS:
+            if name in CASEWISE and len({id(sw.indicators) for sw in switches}) == 1 and all(
+                    sw.shape == tuple(out_avals[0].shape) for sw in switches):
+                (first,) = switches[:1]
+                cases = {k: self.apply(eqn, [x.cases[k] if isinstance(x, Switch) else x
+                                             for x in ins])[0] for k in first.cases}
+                return [Switch(first.shape, first.indicators, cases)]
+            ins = [x.expand() if isinstance(x, Switch) else x for x in ins]
+            if not any(isinstance(x, (Poly, SampledBool)) for x in ins):
+                return self.apply(eqn, ins)
         if name in CALLS:
             inner = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
             if not isinstance(inner, jcore.ClosedJaxpr):
@@ -437,6 +523,11 @@ class Interpreter:
         method = getattr(self, f"p_{name}", None)
         if method is not None:
             return [method(ins, params, shape)]
+        decided = self.decided_on_draws(eqn, ins)
+        if decided is not None:
+            return [decided]
+        if name == "gather" and isinstance(ins[1], Poly):
+            return [self.gather_by_site(eqn, ins, shape)]
         if name in LINEAR_BY_BASIS:
             return [self.linear_by_basis(eqn, ins, shape)]
         polys = [x for x in ins if isinstance(x, Poly)]
@@ -447,9 +538,14 @@ class Interpreter:
 
     # -------------------------------------------------------------- booleans
     def boolean(self, eqn, ins: list[Value]) -> Value:
-        sampled = [jnp.asarray(self.sampled(x)) for x in ins]
+        sampled = self.sampled_inputs(eqn, ins)
         outs = jax.vmap(lambda *xs: eqn.primitive.bind(*xs, **eqn.params))(*sampled)
         return SampledBool(np.asarray(outs))
+
+    def sampled_inputs(self, eqn, ins: list[Value]) -> list[Array]:
+        """Every input's values on the draws, in the dtype the equation expects."""
+        return [jnp.asarray(self.sampled(x)).astype(v.aval.dtype)
+                for x, v in zip(ins, eqn.invars, strict=True)]
 
     def select(self, ins: list[Value], shape: tuple[int, ...]) -> Value:
         pred, cases = ins[0], ins[1:]
@@ -471,6 +567,94 @@ class Interpreter:
                 part = np.where(mask, np.broadcast_to(case, shape), 0.0)
             total = add(total, part, shape)
         return total
+
+    def decided_on_draws(self, eqn, ins: list[Value]) -> Value | None:
+        """For a primitive of one site-dependent input and constants: that input when the
+        primitive returns it unchanged on every draw (NumPyro's clamping of probabilities), a
+        constant when it returns the same value on every draw (the integer check z % 1 == 0 of
+        a discrete support); else None."""
+        polys = [(k, x) for k, x in enumerate(ins) if isinstance(x, Poly)]
+        name = eqn.primitive.name
+        if len(polys) != 1 or name not in IDENTITY_CANDIDATES:
+            return None
+        k, p = polys[0]
+        if tuple(eqn.outvars[0].aval.shape) != p.shape:
+            return None
+        sampled = self.sampled_inputs(eqn, ins)
+        out = np.asarray(jax.vmap(lambda *xs: eqn.primitive.bind(*xs, **eqn.params))(*sampled))
+        if np.array_equal(out, np.asarray(sampled[k])):
+            return p
+        return out[0] if np.all(out == out[:1]) else None
+
+    def gather_by_site(self, eqn, ins: list[Value], shape: tuple[int, ...]) -> Value:
+        """operand[z] with z a site with finite support: sum_k 1{z = k} operand[k]; the
+        indicators are statistics of z (one-hot), operand[k] a constant-index gather."""
+        operand, indices = ins[0], ins[1]
+        sites = indices.sites()
+        (site,) = sites if len(sites) == 1 else (None,)
+        if site not in self.finite_supports:
+            raise self.error(sites, "they are used as indices but are not one discrete site "
+                                    "with a finite support")
+        sampled = self.sampled(indices)  # (M, ..., index vector)
+        varying = np.any(sampled != sampled[:1], axis=tuple(range(sampled.ndim - 1)))
+        if varying.sum() != 1 or tuple(indices.shape[:-1]) != shape:
+            raise self.error(sites, "they index an array in a way CAVI does not support")
+        (j,) = np.flatnonzero(varying)
+        base = sampled[0]
+        select = np.zeros((*indices.shape[:-1], *indices.shape))
+        flat = np.arange(int(np.prod(indices.shape[:-1])))
+        select.reshape(len(flat), -1)[flat, flat * indices.shape[-1] + j] = 1.0
+        component = simplify(linear_map(indices, select, tuple(indices.shape[:-1])))
+        cases: dict[int, Value] = {}
+        indicators: dict[int, Poly] = {}
+        for k in self.finite_supports[site]:
+            k = int(k)
+            idx = base.copy()
+            idx[..., j] = k
+            fixed = [operand, idx.astype(eqn.invars[1].aval.dtype), *ins[2:]]
+            if isinstance(operand, Poly):
+                picked = self.linear_by_basis(eqn, fixed, shape)
+            else:
+                picked = np.asarray(eqn.primitive.bind(*[jnp.asarray(x) for x in fixed],
+                                                       **eqn.params))
+            atom = Atom(f"1{{x={k}}}", lambda v, k=k: (v == k).astype(jnp.result_type(float)))
+            indicators[k] = self.route(component, site, Stat.of(atom))
+            cases[k] = picked
+        key = (site, tuple(describe_routing(indicators[k]) for k in indicators))
+        indicators = self.indicator_cache.setdefault(key, indicators)
+        return Switch(shape, indicators, cases)
+
+    def route(self, p: Poly, site: str, stat: Stat) -> Poly:
+        """stat(p) for p a routing of the site's elements (each entry of p equals one element
+        of the site, coefficient 1): the same routing applied to stat(x)."""
+        site_shape = self.draws[site].shape[1:]
+        size = max(int(np.prod(site_shape)), 1)
+        basis = jnp.eye(size).reshape((size, *site_shape))
+        if np.any(p.constant) or p.sites() != {site}:
+            raise self.error({site}, "it is used as an index after arithmetic")
+        linear = Poly(p.shape, p.terms, np.zeros(p.shape))
+        R = np.asarray(jax.vmap(lambda e: linear.at({site: e}))(basis))  # (size, *p.shape)
+        R = R.reshape(size, -1)
+        if not (np.all((R == 0) | (R == 1)) and np.all(R.sum(axis=0) == 1)):
+            raise self.error({site}, "it is used as an index after arithmetic")
+        element = np.unravel_index(R.argmax(axis=0).reshape(p.shape), site_shape) if (
+            site_shape) else ()
+        out = fresh(len(p.shape))
+        labels = []
+        for idx in element:  # each site axis equal to one output axis: plain relabelling
+            match = [b for b in range(len(p.shape)) if np.array_equal(
+                idx, np.broadcast_to(np.arange(p.shape[b]).reshape(
+                    [-1 if i == b else 1 for i in range(len(p.shape))]), p.shape))]
+            if not match:
+                break
+            labels.append(out[match[0]])
+        if len(labels) == len(site_shape):
+            term = Term((), (Factor(site, stat, tuple(labels)),), out)
+        else:
+            site_labels = fresh(len(site_shape))
+            routing = R.reshape((*site_shape, *p.shape))
+            term = Term(((routing, site_labels + out),), (Factor(site, stat, site_labels),), out)
+        return Poly(p.shape, [term], np.zeros(p.shape))
 
     # -------------------------------------------------------------- arithmetic
     def p_add(self, ins, params, shape):
@@ -662,6 +846,11 @@ class Interpreter:
             c = np.sign(coef) ** int(exponent.numerator % 2 if exponent.denominator == 1 else 0)
             c = c * np.abs(coef) ** float(exponent)
             return simplify(Poly(p.shape, [Term(((c, out),), new, out)], np.zeros(p.shape)))
+        route = routed(p)
+        if route is not None:
+            coef, routing, f = route
+            if exponent.denominator == 1 or np.all(coef > 0):
+                return routed_poly(p, routing, f, f.stat ** exponent, coef ** float(exponent))
         fn = (lambda v: v ** float(exponent))
         return self.nonlinear(p, fn, f"{what}^{exponent}")
 
@@ -680,6 +869,14 @@ class Interpreter:
                                           (Factor(f.site, Stat.of(log_atom), f.labels),), out))
                 poly = Poly(p.shape, terms, np.zeros(p.shape))
                 return add(poly, np.log(coef), p.shape)
+        route = routed(p)
+        if route is not None and np.all(route[0] > 0):
+            coef, routing, f = route
+            total: Value = np.log(coef)
+            for atom, q in f.stat.atoms:  # log(c s) = log c + sum_a q_a log(atom_a)
+                part = routed_poly(p, routing, f, Stat.of(log_of(atom)), np.full(p.shape, float(q)))
+                total = add(total, part, p.shape)
+            return total
         return self.nonlinear(p, jnp.log, "log")
 
     def nonlinear(self, p: Poly, fn: Callable[[Array], Array], what: str) -> Value:
@@ -704,6 +901,15 @@ class Interpreter:
         atom = Atom(f"{what}({inner.name})", lambda x, inner=inner, fn=fn: fn(inner(x)))
         term = Term((), (Factor(site, Stat.of(atom), labels),), out)
         return Poly(p.shape, [term], np.zeros(p.shape))
+
+
+def describe_routing(p: Poly) -> tuple:
+    """A hashable fingerprint of an indicator polynomial (its routing and statistic)."""
+    (t,) = p.terms
+    ops = tuple(a.tobytes() for a, _ in t.operands)
+    f = t.factors[0]
+    positions = tuple(t.out.index(i) if i in t.out else -1 for i in f.labels)
+    return (p.shape, f.stat.name, positions, ops)
 
 
 def appears(t: Term, label: int) -> bool:
@@ -751,6 +957,38 @@ def monomial(p: Poly) -> tuple[np.ndarray, tuple[Factor, ...], tuple[int, ...]] 
     return np.asarray(coef), t.factors, t.out
 
 
+def routed(p: Poly) -> tuple[np.ndarray, np.ndarray, Factor] | None:
+    """(coef over p.shape, 0/1 routing (p.shape + site shape), factor) when p is one term in
+    one factor in which every entry picks exactly one element: p[o] = coef[o] s(x)[e(o)]."""
+    if len(p.terms) != 1 or np.any(p.constant) or len(p.terms[0].factors) != 1:
+        return None
+    t = p.terms[0]
+    f = t.factors[0]
+    sizes = {}
+    for a, lab in t.operands:
+        sizes.update(zip(lab, np.shape(a), strict=True))
+    if not all(i in sizes for i in f.labels):
+        return None
+    shape = tuple(sizes[i] for i in f.labels)
+    size = max(int(np.prod(shape)), 1)
+    basis = jnp.eye(size).reshape((size, *shape))
+    response = np.asarray(jax.vmap(lambda e: t.evaluate(lambda _f: e, p.shape))(basis))
+    response = response.reshape(size, -1)
+    nonzero = response != 0
+    if not np.all(nonzero.sum(axis=0) == 1):
+        return None
+    coef = response.sum(axis=0).reshape(p.shape)
+    routing = np.moveaxis(nonzero.astype(np.float64), 0, -1).reshape((*p.shape, *shape))
+    return coef, routing, f
+
+
+def routed_poly(p: Poly, routing: np.ndarray, f: Factor, stat: Stat, coef: np.ndarray) -> Poly:
+    """coef[o] * stat(x)[e(o)] as a term."""
+    out, labels = fresh(len(p.shape)), fresh(routing.ndim - len(p.shape))
+    ops = ((routing, out + labels), (coef, out))
+    return Poly(p.shape, [Term(ops, (Factor(f.site, stat, labels),), out)], np.zeros(p.shape))
+
+
 def single_site_function(p: Poly, site: str):
     """(Stat-like callable g, labels, out) with p[out] = g(x[labels]) elementwise, when every
     term of p is an elementwise function of the same element of ``site`` with coefficients that
@@ -796,15 +1034,17 @@ def trace_log_density(
     log_density: Callable[..., Array],
     sites: Mapping[str, np.ndarray],
     draws: Mapping[str, np.ndarray],
+    finite_supports: Mapping[str, np.ndarray] | None = None,
 ) -> Poly | np.ndarray:
     """The multilinear form of ``log_density(**sites)`` (a scalar function of named site values).
 
     ``sites`` gives each site's value (for shapes and tracing), ``draws`` M random values of each
-    site in its support (for site-dependent support checks).
+    site in its support (for site-dependent support checks), ``finite_supports`` the values of
+    the discrete sites that may index arrays.
     """
     names = list(sites)
     closed = jax.make_jaxpr(lambda *vals: log_density(dict(zip(names, vals, strict=True))))(
         *[jnp.asarray(sites[n]) for n in names])
     inputs = [Poly.site(n, tuple(np.shape(sites[n]))) for n in names]
-    (out,) = Interpreter(draws).run(closed, inputs)
-    return out
+    (out,) = Interpreter(draws, finite_supports).run(closed, inputs)
+    return out.expand() if isinstance(out, Switch) else out
