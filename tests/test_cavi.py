@@ -182,3 +182,30 @@ def test_gaussian_mixture_monotone_and_recovers_clusters():
     probs = np.asarray(result.state.mean["z"])
     order = np.argsort(np.asarray(result.state.mean["mu"])[:, 0])
     assert np.all(probs[:, order][np.arange(45), np.repeat(np.arange(3), 15)] > 0.99)
+
+
+def nmf(Y, k=2):
+    n, m = Y.shape
+    tau = numpyro.sample("tau", dist.Gamma(2.0, 1.0))
+    with numpyro.plate("rows", n, dim=-2), numpyro.plate("kw", k, dim=-1):
+        W = numpyro.sample("W", dist.Exponential(1.0))
+    with numpyro.plate("kh", k, dim=-2), numpyro.plate("cols", m, dim=-1):
+        H = numpyro.sample("H", dist.Exponential(1.0))
+    with numpyro.plate("r", n, dim=-2), numpyro.plate("c", m, dim=-1):
+        numpyro.sample("Y", dist.Normal(W @ H, 1 / jnp.sqrt(tau)), obs=Y)
+
+
+def test_nmf_rectified_gaussian_factors():
+    rng = np.random.default_rng(0)
+    Y = jnp.asarray(rng.exponential(size=(8, 2)) @ rng.exponential(size=(2, 6))
+                    + 0.1 * rng.normal(size=(8, 6)))
+    guide = nnef.CAVIGuide(nmf)
+    result = nnef.CAVI(nmf, guide).run(jax.random.key(0), 100, Y)
+    cm = guide.conjugate
+    assert {n: f.family.name for n, f in cm.families.items()} == {
+        "tau": "Gamma", "W": "RectifiedGaussian", "H": "RectifiedGaussian"}
+    assert cm.self_coupled["W"] and cm.self_coupled["H"] and not cm.self_coupled["tau"]
+    assert np.all(np.diff(result.elbo) >= -1e-9 * np.abs(result.elbo[1:]))
+    ew, eh = (np.asarray(result.state.mean[n])[..., 0] for n in ("W", "H"))
+    assert np.all(ew >= 0) and np.all(eh >= 0)
+    assert np.linalg.norm(ew @ eh - np.asarray(Y)) < 0.1 * np.linalg.norm(np.asarray(Y))

@@ -148,7 +148,7 @@ class CAVI:
             mean[name] = jnp.zeros((*site.batch_shape, d))
             ok[name] = jnp.asarray(True)
         self._sweep = jax.jit(self._make_sweep(cm))
-        return CAVIState(mu, eta, mean, jnp.asarray(-jnp.inf), ok)
+        return CAVIState(mu, eta, mean, jnp.asarray(np.float64(-np.inf)), ok)
 
     def _make_sweep(self, cm: ConjugateModel) -> Callable[[CAVIState], CAVIState]:
         rho = self.damping
