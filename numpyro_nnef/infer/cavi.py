@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
-from numpyro import handlers
 
 from .conjugacy import ConjugateModel, analyse_model
 
@@ -134,13 +133,12 @@ class CAVI:
 
     # -------------------------------------------------------------- the pieces
     def init(self, rng_key: Array, *args: Any, **kwargs: Any) -> CAVIState:
-        """Analyse the model and start every factor at the statistics of one prior draw."""
-        k_analysis, k_init = jax.random.split(rng_key)
-        cm = self.guide.analyse(*args, key=k_analysis, **kwargs)
-        trace = handlers.trace(handlers.seed(self.model, k_init)).get_trace(*args, **kwargs)
+        """Analyse the model and start every factor at the statistics of one random point of
+        its support (point masses; the first sweep replaces them in model order)."""
+        cm = self.guide.analyse(*args, key=rng_key, **kwargs)
         mu, eta, mean, ok = {}, {}, {}, {}
         for name, site in cm.sites.items():
-            x = jnp.asarray(trace[name]["value"]).reshape((-1, *site.element_shape))
+            x = jnp.asarray(cm.initial_values[name]).reshape((-1, *site.element_shape))
             stats = jax.vmap(lambda v, n=name: cm.site_stat_values(n, v))(x)
             mu[name] = stats.reshape((*site.batch_shape, -1))
             d = cm.families[name].family.stat_dim

@@ -28,6 +28,7 @@ import numpy as np
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions import constraints
+from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density
 
 from .. import families
@@ -69,10 +70,39 @@ def _base_distribution(fn: dist.Distribution) -> dist.Distribution:
     return fn
 
 
+def support_draws(fn: dist.Distribution, num: int, rng: np.random.Generator) -> np.ndarray:
+    """``num`` random points of the support of ``fn``, shape (num, *fn.shape()): the image of
+    standard normal draws under biject_to(support), or uniform integers for discrete supports
+    (no sampler is compiled: only the support is used)."""
+    shape = tuple(fn.shape())
+    support = fn.support
+    if support.is_discrete:
+        low = int(np.min(np.asarray(getattr(support, "lower_bound", 0))))
+        high = int(np.max(np.asarray(getattr(support, "upper_bound", low + 20))))
+        if support is constraints.boolean:
+            low, high = 0, 1
+        return rng.integers(low, high + 1, size=(num, *shape))
+    transform = biject_to(support)
+    u = rng.normal(size=(num, *transform.inverse_shape(shape)))
+    return np.asarray(transform(jnp.asarray(u)))
+
+
 def model_sites(model: Callable, args: tuple, kwargs: dict, key: Array
-                ) -> tuple[dict[str, LatentSite], dict[str, dict]]:
-    """(latent sites in the model's order, the model trace) with checks on observed data."""
-    trace = handlers.trace(handlers.seed(model, key)).get_trace(*args, **kwargs)
+                ) -> tuple[dict[str, LatentSite], dict[str, dict], dict[str, np.ndarray]]:
+    """(latent sites in the model's order, a model trace, NUM_DRAWS support draws per site)
+    with checks on observed data. Latent values come from ``support_draws``, not the prior's
+    sampler, so nothing is sampled (samplers such as Gamma's are slow to compile)."""
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    draws: dict[str, np.ndarray] = {}
+
+    def draw(msg):
+        if msg["type"] != "sample" or msg["is_observed"]:
+            return None
+        draws[msg["name"]] = support_draws(msg["fn"], NUM_DRAWS + 1, rng)
+        return jnp.asarray(draws[msg["name"]][0])
+
+    traced = handlers.substitute(handlers.seed(model, key), substitute_fn=draw)
+    trace = handlers.trace(traced).get_trace(*args, **kwargs)
     latent: dict[str, LatentSite] = {}
     for name, site in trace.items():
         if site["type"] != "sample":
@@ -91,7 +121,7 @@ def model_sites(model: Callable, args: tuple, kwargs: dict, key: Array
                                   site["fn"].support, site["fn"])
     if not latent:
         raise ValueError("the model has no latent sample sites: nothing to infer")
-    return latent, trace
+    return latent, trace, {n: draws[n][1:] for n in latent}
 
 
 def finite_supports(sites: Mapping[str, LatentSite]) -> dict[str, np.ndarray]:
@@ -203,6 +233,7 @@ class ConjugateModel:
     constant: float
     families: dict[str, SiteFamily]
     self_coupled: dict[str, bool]
+    initial_values: dict[str, np.ndarray]  # one random point of every site's support
 
     def site_stat_values(self, name: str, x: Array) -> Array:
         """The site's statistics at one element x, flattened: (num_stats,)."""
@@ -298,15 +329,11 @@ def analyse_model(
     statistics); every other site gets the smallest built-in named family that does.
     """
     oracles = dict(oracles or {})
-    k_trace, k_draw = jax.random.split(key)
-    sites, trace = model_sites(model, args, kwargs, k_trace)
+    sites, trace, draws = model_sites(model, args, kwargs, key)
     unknown = set(oracles) - set(sites)
     if unknown:
         raise ValueError(f"oracles given for {sorted(unknown)}, which are not latent sites of "
                          f"the model (latent: {sorted(sites)})")
-    draws = {n: np.asarray(s.prior.sample(k, (NUM_DRAWS,)))
-             for (n, s), k in zip(sites.items(), jax.random.split(k_draw, len(sites)),
-                                  strict=True)}
     values = {n: np.asarray(trace[n]["value"]) for n in sites}
 
     def log_joint(vals):
@@ -334,7 +361,8 @@ def analyse_model(
     missing = [n for n, s in stats.items() if not s]
     if missing:
         raise ValueError(f"latent site(s) {missing} do not appear in the log density")
-    model_ = ConjugateModel(sites, stats, terms, float(np.sum(poly.constant)), {}, self_coupled)
+    model_ = ConjugateModel(sites, stats, terms, float(np.sum(poly.constant)), {}, self_coupled,
+                            values)
     for name, site in sites.items():
         model_.families[name] = resolve_family(model_, site, draws[name], oracles.get(name))
     return model_
