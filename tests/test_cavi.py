@@ -1,5 +1,7 @@
 """CAVI on plain NumPyro models: the symbolic form, family resolution, fixed points, bad input."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -209,3 +211,36 @@ def test_nmf_rectified_gaussian_factors():
     ew, eh = (np.asarray(result.state.mean[n])[..., 0] for n in ("W", "H"))
     assert np.all(ew >= 0) and np.all(eh >= 0)
     assert np.linalg.norm(ew @ eh - np.asarray(Y)) < 0.1 * np.linalg.norm(np.asarray(Y))
+
+
+def test_bilinear_coupling_of_families_without_names():
+    """Model a: x, y in unnamed families with fixed priors, coupled by T(x) . A . S(y); the
+    fixed point is eta_x = eta_x0 + A <S(y)>, eta_y = eta_y0 + A^T <T(x)>."""
+    from numpyro.distributions import constraints
+
+    fx = nnef.ExponentialFamily.from_statistics(
+        "Quartic", lambda x: {"x": x, "x2": x * x, "x4": x**4}, event_shape=(),
+        support=constraints.real)
+    fy = nnef.families.GaussLaplace()
+    ox, oy = nnef.QuadratureOracle(fx), nnef.ExactOracle(fy)
+    eta_x0, eta_y0 = jnp.array([0.3, -0.5, -0.3]), jnp.array([-0.2, -0.8, -0.5])
+    A = jnp.array([[0.2, 0.0, 0.1], [0.0, -0.05, 0.0], [0.0, 0.0, 0.0]])
+
+    def model():
+        x = numpyro.sample("x", nnef.EFDistribution(fx, eta_x0, oracle=ox))
+        y = numpyro.sample("y", nnef.EFDistribution(fy, eta_y0, oracle=oy))
+        numpyro.factor("coupling", fx.sufficient_statistics(x) @ A @ fy.sufficient_statistics(y))
+
+    with pytest.raises(nnef.NonConjugateError, match="site 'x'.*oracles="):
+        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5)
+    guide = nnef.CAVIGuide(model, oracles={"x": ox})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # quadrature: ELBO flat to ~1e-6
+        result = nnef.CAVI(model, guide, tol=1e-14).run(jax.random.key(0), 100)
+    assert guide.conjugate.families["x"].family.name == "Quartic"
+    ex, ey = eta_x0, eta_y0
+    for _ in range(100):
+        ex = eta_x0 + A @ oy.mean(ey)
+        ey = eta_y0 + A.T @ ox.mean(ex)
+    np.testing.assert_allclose(result.params["x_eta"], ex, rtol=1e-8)
+    np.testing.assert_allclose(result.params["y_eta"], ey, rtol=1e-8)

@@ -95,8 +95,7 @@ class CAVIGuide:
         for name, site in cm.sites.items():
             fam = cm.families[name]
             eta = numpyro.param(f"{name}_eta", lambda _k, s=site, f=fam: jnp.broadcast_to(
-                f.family.natural_constraint.feasible_like(jnp.zeros(f.family.stat_dim)),
-                (*s.batch_shape, f.family.stat_dim)))
+                f.oracle.default_init(), (*s.batch_shape, f.family.stat_dim)))
             out[name] = numpyro.sample(name, self.distribution(name, eta))
         return out
 
@@ -163,7 +162,7 @@ class CAVI:
             """Set site ``name`` (its element ``idx``; all elements for ()) to natural ``eta``."""
             fam = cm.families[name]
             ok = jnp.all(fam.family.in_domain(eta))
-            safe = jnp.where(ok, eta, fam.family.natural_constraint.feasible_like(eta))
+            safe = jnp.where(ok, eta, jnp.asarray(fam.oracle.default_init(), eta.dtype))
             mean = fam.oracle.mean(safe)
             return state._replace(
                 mu={**state.mu, name: state.mu[name].at[idx].set(fam.site_stats(mean))},
