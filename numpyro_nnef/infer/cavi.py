@@ -13,6 +13,7 @@ import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -128,7 +129,8 @@ class CAVI:
         if guide.model is not model:
             raise ValueError("the guide was built for another model")
         self.model, self.guide, self.tol, self.damping = model, guide, float(tol), float(damping)
-        self._sweep: Callable | None = None
+        self._program: _Program | None = None
+        self._data: list[Array] = []
 
     # -------------------------------------------------------------- the pieces
     def init(self, rng_key: Array, *args: Any, **kwargs: Any) -> CAVIState:
@@ -144,15 +146,20 @@ class CAVI:
             eta[name] = jnp.zeros((*site.batch_shape, d))
             mean[name] = jnp.zeros((*site.batch_shape, d))
             ok[name] = jnp.asarray(True)
-        self._sweep = jax.jit(self._make_sweep(cm))
+        key = (cm.signature(), self.damping)
+        if key not in _PROGRAMS:
+            _PROGRAMS[key] = _Program(self._make_sweep(cm), partial(self._elbo, cm))
+        self._program = _PROGRAMS[key]
+        self._data = [jnp.asarray(a) for a in cm.data()]
         return CAVIState(mu, eta, mean, jnp.asarray(np.float64(-np.inf)), ok)
 
-    def _make_sweep(self, cm: ConjugateModel) -> Callable[[CAVIState], CAVIState]:
+    def _make_sweep(self, cm: ConjugateModel) -> Callable[[list[Array], CAVIState], CAVIState]:
+        """The sweep over all sites, a pure function of (data, state) for this structure."""
         rho = self.damping
 
-        def site_update(name, state, first):
+        def site_update(name, data, state, first):
             fam = cm.families[name]
-            grad = jax.grad(lambda m: cm.expected_log_joint({**state.mu, name: m}))(
+            grad = jax.grad(lambda m: cm.expected_log_joint({**state.mu, name: m}, data))(
                 state.mu[name])
             eta = fam.natural(grad)
             eta = jnp.where(first | (rho == 0.0), eta, (1 - rho) * eta + rho * state.eta[name])
@@ -170,26 +177,26 @@ class CAVI:
                 mean={**state.mean, name: state.mean[name].at[idx].set(mean)},
                 ok={**state.ok, name: state.ok[name] & ok})
 
-        def sweep(state: CAVIState) -> CAVIState:
+        def sweep(data: list[Array], state: CAVIState) -> CAVIState:
             first = ~jnp.isfinite(state.elbo)
             for name, site in cm.sites.items():
                 if not cm.self_coupled[name] or not site.batch_shape:
-                    state = apply(name, state, site_update(name, state, first))
+                    state = apply(name, state, site_update(name, data, state, first))
                     continue
                 size = int(np.prod(site.batch_shape))
 
                 def element(i, st, name=name, site=site):
                     idx = jnp.unravel_index(i, site.batch_shape)
-                    return apply(name, st, site_update(name, st, first)[idx], idx)
+                    return apply(name, st, site_update(name, data, st, first)[idx], idx)
 
                 state = jax.lax.fori_loop(0, size, element, state)
-            return state._replace(elbo=self._elbo(cm, state))
+            return state._replace(elbo=self._elbo(cm, data, state))
 
         return sweep
 
     @staticmethod
-    def _elbo(cm: ConjugateModel, state: CAVIState) -> Array:
-        total = cm.expected_log_joint(state.mu)
+    def _elbo(cm: ConjugateModel, data: list[Array], state: CAVIState) -> Array:
+        total = cm.expected_log_joint(state.mu, data)
         for name, fam in cm.families.items():
             eta, mean = state.eta[name], state.mean[name]
             total = total + jnp.sum(fam.oracle.log_partition(eta) - jnp.sum(eta * mean, -1))
@@ -197,14 +204,16 @@ class CAVI:
 
     def update(self, state: CAVIState) -> tuple[CAVIState, Array]:
         """One sweep over all sites: (new state, its ELBO)."""
-        if self._sweep is None:
+        if self._program is None:
             raise RuntimeError("call CAVI.init(rng_key, *model_args) before update")
-        state = self._sweep(state)
+        state = self._program.sweep(self._data, state)
         return state, state.elbo
 
     def evaluate(self, state: CAVIState) -> Array:
         """The ELBO of ``state``."""
-        return self._elbo(self.guide._require(), state)
+        if self._program is None:
+            raise RuntimeError("call CAVI.init(rng_key, *model_args) before evaluate")
+        return self._program.elbo(self._data, state)
 
     # -------------------------------------------------------------- the loop
     def run(self, rng_key: Array, num_steps: int, *args: Any, progress_bar: bool = False,
@@ -216,13 +225,13 @@ class CAVI:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         start = time.perf_counter()
         state = self.init(rng_key, *args, **kwargs) if init_state is None else init_state
-        sweep, tol = self._sweep, self.tol
+        program, data, tol = self._program, self._data, self.tol
         if progress_bar:
             from tqdm.auto import tqdm
             history, steps = [], 0
             for _ in (bar := tqdm(range(num_steps), desc="CAVI")):
                 previous = state.elbo
-                state = sweep(state)
+                state = program.sweep(data, state)
                 steps += 1
                 history.append(float(state.elbo))
                 bar.set_postfix(elbo=f"{history[-1]:.6g}")
@@ -231,7 +240,7 @@ class CAVI:
                     break
             elbo = np.asarray(history)
         else:
-            state, trace, steps = _run_compiled(sweep, state, num_steps, tol)
+            state, trace, steps = program.run(num_steps, tol)(data, state)
             steps = int(steps)
             elbo = np.asarray(trace)[:steps]
         jax.block_until_ready(state.elbo)
@@ -265,18 +274,40 @@ def _converged(previous: Array, current: Array, tol: float) -> Array:
     return jnp.abs(current - previous) <= tol * jnp.maximum(1.0, jnp.abs(current))
 
 
-def _run_compiled(sweep: Callable, state: CAVIState, num_steps: int, tol: float):
-    def cond(carry):
-        st, prev, _, i = carry
-        ok = jnp.all(jnp.stack(list(st.ok.values())))
-        return (i < num_steps) & ok & ((i < 2) | ~_converged(prev, st.elbo, tol))
+class _Program:
+    """The compiled pieces for one model structure (shared by every run on data of that
+    structure): the sweep, the ELBO and the while-loop per (num_steps, tol)."""
 
-    def body(carry):
-        st, _, trace, i = carry
-        new = sweep(st)
-        return new, st.elbo, trace.at[i].set(new.elbo), i + 1
+    def __init__(self, sweep: Callable, elbo: Callable):
+        self.raw_sweep = sweep
+        self.sweep = jax.jit(sweep)
+        self.elbo = jax.jit(elbo)
+        self._runs: dict[tuple[int, float], Callable] = {}
 
-    trace = jnp.full((num_steps,), jnp.nan)
-    carry = (state, jnp.asarray(-jnp.inf), trace, jnp.asarray(0))
-    state, _, trace, steps = jax.jit(lambda c: jax.lax.while_loop(cond, body, c))(carry)
-    return state, trace, steps
+    def run(self, num_steps: int, tol: float) -> Callable:
+        """jit((data, state) -> (state, ELBO trace, steps)) for up to num_steps sweeps."""
+        if (num_steps, tol) not in self._runs:
+            sweep = self.raw_sweep
+
+            def loop(data, state):
+                def cond(carry):
+                    st, prev, _, i = carry
+                    ok = jnp.all(jnp.stack(list(st.ok.values())))
+                    return (i < num_steps) & ok & ((i < 2) | ~_converged(prev, st.elbo, tol))
+
+                def body(carry):
+                    st, _, trace, i = carry
+                    new = sweep(data, st)
+                    return new, st.elbo, trace.at[i].set(new.elbo), i + 1
+
+                trace = jnp.full((num_steps,), jnp.nan)
+                carry = (state, jnp.asarray(-jnp.inf), trace, jnp.asarray(0))
+                state, _, trace, steps = jax.lax.while_loop(cond, body, carry)
+                return state, trace, steps
+
+            self._runs[(num_steps, tol)] = jax.jit(loop)
+        return self._runs[(num_steps, tol)]
+
+
+# compiled programs by (model structure, damping): new data of the same shapes reuses them
+_PROGRAMS: dict[tuple, _Program] = {}

@@ -208,6 +208,9 @@ def fit_statistics(stats: Callable[[Array], Array], family: ExponentialFamily,
     resid = np.abs(design @ coef - s).max()
     if resid > FIT_TOLERANCE * max(1.0, np.abs(s).max()):
         return None
+    # the exact coefficients are simple numbers: drop the least-squares round-off (it would
+    # also make the fit, and so the compiled program's cache key, depend on the draws)
+    coef = np.round(coef, 9) + 0.0
     return coef[:-1].T, coef[-1]
 
 
@@ -257,21 +260,46 @@ class ConjugateModel:
             start += size
         return out
 
-    def expected_log_joint(self, mu: Mapping[str, Array]) -> Array:
-        """E_q[log p(x)] from every site's expected statistics mu[site] (batch..., num_stats)."""
+    def data(self) -> list[np.ndarray]:
+        """The data-dependent constants: every term's operands, then the constant of log p. They
+        are arguments (not constants) of the compiled CAVI loop, so new data of the same shapes
+        reuses the compilation."""
+        return [a for t in self.terms for a, _ in t.operands] + [np.asarray(self.constant)]
+
+    def signature(self) -> tuple:
+        """Hashable structure: equal signatures give the same CAVI program (given ``data``)."""
+        terms = tuple((tuple((a.shape, lab) for a, lab in t.operands), t.factors)
+                      for t in self.terms)
+        sites = tuple((n, s.shape, s.element_shape, self.self_coupled[n],
+                       tuple(st.name for st in self.stats[n])) for n, s in self.sites.items())
+        fams = tuple((n, f.family.cache_key(), f.B.tobytes(), f.c.tobytes(), oracle_key(f.oracle))
+                     for n, f in self.families.items())
+        return terms, sites, fams
+
+    def expected_log_joint(self, mu: Mapping[str, Array],
+                           data: list[Array] | None = None) -> Array:
+        """E_q[log p(x)] from every site's expected statistics mu[site] (batch..., num_stats);
+        ``data`` replaces ``self.data()`` (same shapes)."""
+        data = self.data() if data is None else data
         parts = {name: self.split(name, value) for name, value in mu.items()}
-        total = jnp.asarray(self.constant)
+        total = jnp.asarray(data[-1])
+        position = 0
         for term in self.terms:
             args: list[Any] = []
-            for array, lab in term.operands:
-                args += [jnp.asarray(array), list(lab)]
+            for _, lab in term.operands:
+                args += [jnp.asarray(data[position]), list(lab)]
+                position += 1
             for site, k, lab in term.factors:
                 args += [parts[site][k], list(lab)]
-            labels = sorted({i for a in args[1::2] for i in a})
-            index = {lab: j for j, lab in enumerate(labels)}
-            args = [[index[i] for i in a] if isinstance(a, list) else a for a in args]
             total = total + jnp.einsum(*args, [], optimize="greedy")
         return total
+
+
+def oracle_key(oracle: Any) -> tuple:
+    """Exact oracles of equal families are interchangeable; any other oracle is itself."""
+    if isinstance(oracle, ExactOracle):
+        return ("exact", oracle.family.cache_key())
+    return ("object", id(oracle))
 
 
 def _element_labels(site: LatentSite, labels: tuple[int, ...]) -> tuple[int, ...]:
@@ -312,8 +340,19 @@ def _expand(term: Term, sites: Mapping[str, LatentSite], stat_index: Callable[[s
                                             (name, stat_index(name, b.stat), a.labels)]))
             new.append((s, dops, dfacs + [(name, stat_index(name, a.stat * b.stat), a.labels)]))
         variants = new
-    return [ExpandedTerm(ops + ((np.asarray(sign), ()),), tuple(facs))
+    return [canonical(ExpandedTerm(ops + ((np.asarray(sign), ()),), tuple(facs)))
             for sign, ops, facs in variants]
+
+
+def canonical(term: ExpandedTerm) -> ExpandedTerm:
+    """The term with its einsum labels renamed 0, 1, ... in order of first appearance."""
+    index: dict[int, int] = {}
+    for lab in [lab for _, lab in term.operands] + [lab for *_, lab in term.factors]:
+        for i in lab:
+            index.setdefault(i, len(index))
+    return ExpandedTerm(
+        tuple((np.asarray(a), tuple(index[i] for i in lab)) for a, lab in term.operands),
+        tuple((s, k, tuple(index[i] for i in lab)) for s, k, lab in term.factors))
 
 
 def analyse_model(
@@ -368,6 +407,10 @@ def analyse_model(
     return model_
 
 
+# resolved named families by (statistic names, support, element shape)
+_RESOLVED: dict[tuple, tuple[ExponentialFamily, np.ndarray, np.ndarray]] = {}
+
+
 def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, oracle: Any
                    ) -> SiteFamily:
     """The site's family: the user's oracle, else the smallest named family spanning its stats."""
@@ -381,9 +424,19 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
                 f"site {site.name!r}: the oracle's family {oracle.family.name} does not span the "
                 f"statistics [{names}] that the model gives this site")
         return SiteFamily(oracle.family, oracle, *fit)
+    atoms = [a for st in model.stats[site.name] for a, _ in st.atoms]
+    key = None
+    if all(a.elementwise for a in atoms):  # the names then say what the statistics are
+        key = (tuple(s.name for s in model.stats[site.name]), type(site.support).__name__,
+               str(site.support), site.element_shape)
+        if key in _RESOLVED:
+            fam, B, c = _RESOLVED[key]
+            return SiteFamily(fam, ExactOracle(fam), B, c)
     for fam in candidate_families(site):
         fit = fit_statistics(stats, fam, elements)
         if fit is not None:
+            if key is not None:
+                _RESOLVED[key] = (fam, *fit)
             return SiteFamily(fam, ExactOracle(fam), *fit)
     raise NonConjugateError(
         f"site {site.name!r} (support {site.support}, element shape {site.element_shape}): no "

@@ -46,6 +46,8 @@ class Atom:
 
     name: str
     fn: Callable[[Array], Array] = dataclasses.field(compare=False, hash=False, repr=False)
+    # False for a vector statistic of a scalar site (fn maps one value to an array)
+    elementwise: bool = dataclasses.field(default=True, compare=False, hash=False)
 
 
 X_ATOM = Atom("x", lambda x: x)
@@ -457,8 +459,7 @@ class Interpreter:
             v = v.expand()
         if not isinstance(v, Poly):
             return np.broadcast_to(np.asarray(v), (num, *np.shape(v)))
-        fn = jax.vmap(lambda d: v.at(d))
-        return np.asarray(fn({k: jnp.asarray(d) for k, d in self.draws.items()}))
+        return batched_values(v, self.draws)
 
     def error(self, sites: set[str], what: str) -> NonConjugateError:
         names = ", ".join(sorted(sites))
@@ -539,6 +540,13 @@ class Interpreter:
     # -------------------------------------------------------------- booleans
     def boolean(self, eqn, ins: list[Value]) -> Value:
         sampled = self.sampled_inputs(eqn, ins)
+        shape = tuple(eqn.outvars[0].aval.shape)
+        if eqn.primitive.name in COMPARISONS | LOGICAL and all(
+                tuple(v.aval.shape) in ((), shape) for v in eqn.invars):
+            num = len(sampled[0])
+            full = [jnp.broadcast_to(x.reshape((num, *[1] * (len(shape) + 1 - x.ndim),
+                                                *x.shape[1:])), (num, *shape)) for x in sampled]
+            return SampledBool(np.asarray(eqn.primitive.bind(*full, **eqn.params)))
         outs = jax.vmap(lambda *xs: eqn.primitive.bind(*xs, **eqn.params))(*sampled)
         return SampledBool(np.asarray(outs))
 
@@ -890,7 +898,7 @@ class Interpreter:
             # a scalar site inside an array-valued expression (e.g. log of stack(b, 1 - b)):
             # one vector statistic f(p(x)) with the expression's axes
             atom = Atom(f"{what}(<expression {next(_LABELS)}>)",
-                        lambda x, p=p, fn=fn: fn(p.at({site: x})))
+                        lambda x, p=p, fn=fn: fn(p.at({site: x})), elementwise=False)
             labels = fresh(len(p.shape))
             term = Term((), (Factor(site, Stat.of(atom), labels),), labels)
             return Poly(p.shape, [term], np.zeros(p.shape))
@@ -910,6 +918,33 @@ def describe_routing(p: Poly) -> tuple:
     f = t.factors[0]
     positions = tuple(t.out.index(i) if i in t.out else -1 for i in f.labels)
     return (p.shape, f.stat.name, positions, ops)
+
+
+def batched_values(p: Poly, draws: Mapping[str, np.ndarray]) -> np.ndarray:
+    """p at every draw, (M,) + p.shape: one numpy einsum per term with the draw axis as an
+    extra label (no tracing, no compilation beyond the statistics' elementwise functions)."""
+    num = len(next(iter(draws.values())))
+    total = np.broadcast_to(np.asarray(p.constant, dtype=np.float64), (num, *p.shape)).copy()
+    for t in p.terms:
+        present = sorted({i for _, lab in t.operands for i in lab}
+                         | {i for f in t.factors for i in f.labels})
+        index = {lab: k + 1 for k, lab in enumerate(present)}
+        args: list[Any] = []
+        for array, lab in t.operands:
+            args += [np.asarray(array, dtype=np.float64), [index[i] for i in lab]]
+        for f in t.factors:
+            x = draws[f.site]
+            elementwise = all(a.elementwise for a, _ in f.stat.atoms)
+            value = f.stat(x) if elementwise else jax.vmap(f.stat)(jnp.asarray(x))
+            args += [np.asarray(value, dtype=np.float64), [0] + [index[i] for i in f.labels]]
+        kept = [index[i] for i in t.out if i in index]
+        value = np.einsum(*args, [0] + kept, optimize=True) if args else np.ones((num,))
+        if not t.factors:
+            value = np.broadcast_to(value, (num, *value.shape[1:]) if value.ndim else (num,))
+        expand = [k + 1 for k, i in enumerate(t.out) if i not in index]
+        value = np.expand_dims(value, expand) if expand else value
+        total = total + np.broadcast_to(value, (num, *p.shape))
+    return total
 
 
 def appears(t: Term, label: int) -> bool:
