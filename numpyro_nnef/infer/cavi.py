@@ -139,9 +139,8 @@ class CAVI:
         cm = self.guide.analyse(*args, key=rng_key, **kwargs)
         mu, eta, mean, ok = {}, {}, {}, {}
         for name, site in cm.sites.items():
-            x = jnp.asarray(cm.initial_values[name]).reshape((-1, *site.element_shape))
-            stats = jax.vmap(lambda v, n=name: cm.site_stat_values(n, v))(x)
-            mu[name] = stats.reshape((*site.batch_shape, -1))
+            x = np.asarray(cm.initial_values[name]).reshape((-1, *site.element_shape))
+            mu[name] = jnp.asarray(cm.site_stat_batch(name, x).reshape((*site.batch_shape, -1)))
             d = cm.families[name].family.stat_dim
             eta[name] = jnp.zeros((*site.batch_shape, d))
             mean[name] = jnp.zeros((*site.batch_shape, d))

@@ -82,6 +82,16 @@ def support_draws(fn: dist.Distribution, num: int, rng: np.random.Generator) -> 
         if support is constraints.boolean:
             low, high = 0, 1
         return rng.integers(low, high + 1, size=(num, *shape))
+    base = support.base_constraint if isinstance(support, constraints.independent) else support
+    u = rng.normal(size=(num, *shape))
+    if base is constraints.real:
+        return u
+    if base is constraints.positive or base is constraints.nonnegative:
+        return np.exp(u)
+    if base is constraints.unit_interval:
+        return 1.0 / (1.0 + np.exp(-u))
+    if base is constraints.simplex:
+        return rng.dirichlet(np.ones(shape[-1]), size=(num, *shape[:-1]))
     transform = biject_to(support)
     u = rng.normal(size=(num, *transform.inverse_shape(shape)))
     return np.asarray(transform(jnp.asarray(u)))
@@ -196,10 +206,11 @@ def candidate_families(site: LatentSite) -> list[ExponentialFamily]:
     return sorted(out, key=lambda f: f.stat_dim)
 
 
-def fit_statistics(stats: Callable[[Array], Array], family: ExponentialFamily,
+def fit_statistics(stats: Callable[[np.ndarray], np.ndarray], family: ExponentialFamily,
                    elements: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(B, c) with stats(x) = B T(x) + c on every element draw, or None when no exact fit."""
-    s = np.asarray(jax.vmap(stats)(jnp.asarray(elements)))
+    """(B, c) with stats(x) = B T(x) + c on every element draw (``stats`` maps a batch of
+    elements to (N, num_stats)), or None when no exact fit."""
+    s = np.asarray(stats(elements))
     t = np.asarray(family.sufficient_statistics(jnp.asarray(elements)))
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
         return None
@@ -241,6 +252,19 @@ class ConjugateModel:
     def site_stat_values(self, name: str, x: Array) -> Array:
         """The site's statistics at one element x, flattened: (num_stats,)."""
         return jnp.concatenate([jnp.ravel(s(x)) for s in self.stats[name]])
+
+    def site_stat_batch(self, name: str, elements: np.ndarray) -> np.ndarray:
+        """The statistics of a batch of elements (N, *element_shape) -> (N, num_stats), in
+        numpy where the statistics are elementwise (nothing to compile)."""
+        elements = np.asarray(elements)
+        parts = []
+        for stat in self.stats[name]:
+            if all(a.elementwise for a, _ in stat.atoms):
+                value = np.asarray(stat(elements))
+            else:
+                value = np.asarray(jax.vmap(stat)(jnp.asarray(elements)))
+            parts.append(value.reshape(len(elements), -1))
+        return np.concatenate(parts, axis=1)
 
     def stat_sizes(self, name: str) -> list[int]:
         site = self.sites[name]
@@ -415,7 +439,7 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
                    ) -> SiteFamily:
     """The site's family: the user's oracle, else the smallest named family spanning its stats."""
     elements = draws.reshape((-1, *site.element_shape))
-    stats = lambda x: model.site_stat_values(site.name, x)  # noqa: E731
+    stats = lambda x: model.site_stat_batch(site.name, x)  # noqa: E731
     names = ", ".join(s.name for s in model.stats[site.name])
     if oracle is not None:
         fit = fit_statistics(stats, oracle.family, elements)

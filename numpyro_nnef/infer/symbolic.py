@@ -51,8 +51,13 @@ class Atom:
 
 
 X_ATOM = Atom("x", lambda x: x)
-ABS_ATOM = Atom("abs(x)", jnp.abs)
-LOG_ATOM = Atom("log(x)", jnp.log)
+def _either(numpy_fn: Callable, jax_fn: Callable) -> Callable[[Array], Array]:
+    """numpy on numpy input (analysis: nothing to compile), jax otherwise (inside CAVI)."""
+    return lambda x: numpy_fn(x) if isinstance(x, np.ndarray) else jax_fn(x)
+
+
+ABS_ATOM = Atom("abs(x)", _either(np.abs, jnp.abs))
+LOG_ATOM = Atom("log(x)", _either(np.log, jnp.log))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +111,11 @@ class Stat:
         return "*".join(parts)
 
     def __call__(self, x: Array) -> Array:
+        if isinstance(x, np.ndarray):  # analysis: plain numpy
+            out = np.ones(x.shape)
+            for atom, p in self.atoms:
+                out = out * np.asarray(atom.fn(x), dtype=np.float64) ** float(p)
+            return out
         out = jnp.ones_like(jnp.asarray(x, dtype=jnp.result_type(x, float)))
         for atom, p in self.atoms:
             value = atom.fn(x)
@@ -439,6 +449,58 @@ CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_v
          "custom_vjp_call_jaxpr", "remat", "checkpoint"}
 
 
+NUMPY_ELEMENTWISE: dict[str, Callable[..., np.ndarray]] = {
+    "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
+    "gt": np.greater, "ge": np.greater_equal, "and": np.logical_and, "or": np.logical_or,
+    "not": np.logical_not, "xor": np.logical_xor, "is_finite": np.isfinite,
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "neg": np.negative,
+    "log": np.log, "exp": np.exp, "log1p": np.log1p, "sqrt": np.sqrt, "abs": np.abs,
+    "max": np.maximum, "min": np.minimum, "sign": np.sign, "floor": np.floor, "ceil": np.ceil,
+    "expm1": np.expm1, "tanh": np.tanh,
+}
+
+
+def numpy_fold(eqn, ins: list[np.ndarray]) -> np.ndarray | None:
+    """A constant equation evaluated in numpy (no XLA compilation) when numpy computes exactly
+    the same thing; None otherwise (the caller binds the primitive)."""
+    name, params = eqn.primitive.name, eqn.params
+    aval = eqn.outvars[0].aval if len(eqn.outvars) == 1 else None
+    if aval is None:
+        return None
+    dtype = np.dtype(aval.dtype)
+    with np.errstate(all="ignore"):
+        if name in NUMPY_ELEMENTWISE:
+            out = NUMPY_ELEMENTWISE[name](*ins)
+        elif name == "div" and dtype.kind == "f":
+            out = np.divide(*ins)
+        elif name == "integer_pow":
+            out = np.power(ins[0], params["y"]) if params["y"] >= 0 else (
+                1.0 / np.power(ins[0], -params["y"]))
+        elif name == "rsqrt":
+            out = 1.0 / np.sqrt(ins[0])
+        elif name in ("convert_element_type", "stop_gradient", "copy", "copy_p"):
+            out = ins[0]
+        elif name == "broadcast_in_dim":
+            dims = params["broadcast_dimensions"]
+            shape = [1] * len(aval.shape)
+            for k, d in enumerate(dims):
+                shape[d] = np.shape(ins[0])[k]
+            out = np.broadcast_to(np.reshape(ins[0], shape), aval.shape)
+        elif name == "reshape" and params.get("dimensions") is None:
+            out = np.reshape(ins[0], aval.shape)
+        elif name == "squeeze":
+            out = np.reshape(ins[0], aval.shape)
+        elif name == "reduce_sum":
+            out = np.sum(ins[0], axis=tuple(params["axes"]))
+        elif name == "select_n" and len(ins) == 3:
+            out = np.where(np.asarray(ins[0]).astype(bool), ins[2], ins[1])
+        elif name == "transpose":
+            out = np.transpose(ins[0], params["permutation"])
+        else:
+            return None
+    return np.asarray(out).astype(dtype, copy=False).reshape(aval.shape)
+
+
 class Interpreter:
     """Evaluates a jaxpr on Poly/constant values; ``draws`` are random site values (M, *shape)
     used to decide site-dependent comparisons."""
@@ -495,6 +557,9 @@ class Interpreter:
         name = prim.name
         out_avals = [v.aval for v in eqn.outvars]
         if not any(isinstance(x, (Poly, SampledBool, Switch)) for x in ins):
+            folded = numpy_fold(eqn, ins)
+            if folded is not None:
+                return [folded]
             outs = prim.bind(*[jnp.asarray(x) for x in ins], **params)
             outs = outs if prim.multiple_results else [outs]
             return [np.asarray(o) for o in outs]
@@ -541,18 +606,18 @@ class Interpreter:
     def boolean(self, eqn, ins: list[Value]) -> Value:
         sampled = self.sampled_inputs(eqn, ins)
         shape = tuple(eqn.outvars[0].aval.shape)
-        if eqn.primitive.name in COMPARISONS | LOGICAL and all(
+        if eqn.primitive.name in NUMPY_ELEMENTWISE and all(
                 tuple(v.aval.shape) in ((), shape) for v in eqn.invars):
             num = len(sampled[0])
-            full = [jnp.broadcast_to(x.reshape((num, *[1] * (len(shape) + 1 - x.ndim),
-                                                *x.shape[1:])), (num, *shape)) for x in sampled]
-            return SampledBool(np.asarray(eqn.primitive.bind(*full, **eqn.params)))
+            full = [np.asarray(x).reshape((num, *[1] * (len(shape) + 1 - x.ndim), *x.shape[1:]))
+                    for x in sampled]
+            return SampledBool(np.asarray(NUMPY_ELEMENTWISE[eqn.primitive.name](*full)))
         outs = jax.vmap(lambda *xs: eqn.primitive.bind(*xs, **eqn.params))(*sampled)
         return SampledBool(np.asarray(outs))
 
-    def sampled_inputs(self, eqn, ins: list[Value]) -> list[Array]:
+    def sampled_inputs(self, eqn, ins: list[Value]) -> list[np.ndarray]:
         """Every input's values on the draws, in the dtype the equation expects."""
-        return [jnp.asarray(self.sampled(x)).astype(v.aval.dtype)
+        return [np.asarray(self.sampled(x)).astype(v.aval.dtype)
                 for x, v in zip(ins, eqn.invars, strict=True)]
 
     def select(self, ins: list[Value], shape: tuple[int, ...]) -> Value:
@@ -625,7 +690,7 @@ class Interpreter:
             else:
                 picked = np.asarray(eqn.primitive.bind(*[jnp.asarray(x) for x in fixed],
                                                        **eqn.params))
-            atom = Atom(f"1{{x={k}}}", lambda v, k=k: (v == k).astype(jnp.result_type(float)))
+            atom = Atom(f"1{{x={k}}}", lambda v, k=k: (v == k).astype(np.float64))
             indicators[k] = self.route(component, site, Stat.of(atom))
             cases[k] = picked
         key = (site, tuple(describe_routing(indicators[k]) for k in indicators))
@@ -641,7 +706,7 @@ class Interpreter:
         if np.any(p.constant) or p.sites() != {site}:
             raise self.error({site}, "it is used as an index after arithmetic")
         linear = Poly(p.shape, p.terms, np.zeros(p.shape))
-        R = np.asarray(jax.vmap(lambda e: linear.at({site: e}))(basis))  # (size, *p.shape)
+        R = batched_values(linear, {site: np.asarray(basis)})  # (size, *p.shape)
         R = R.reshape(size, -1)
         if not (np.all((R == 0) | (R == 1)) and np.all(R.sum(axis=0) == 1)):
             raise self.error({site}, "it is used as an index after arithmetic")
@@ -920,9 +985,11 @@ def describe_routing(p: Poly) -> tuple:
     return (p.shape, f.stat.name, positions, ops)
 
 
-def batched_values(p: Poly, draws: Mapping[str, np.ndarray]) -> np.ndarray:
+def batched_values(p: Poly, draws: Mapping[str, np.ndarray], apply_stats: bool = True
+                   ) -> np.ndarray:
     """p at every draw, (M,) + p.shape: one numpy einsum per term with the draw axis as an
-    extra label (no tracing, no compilation beyond the statistics' elementwise functions)."""
+    extra label (no tracing, no compilation beyond the statistics' elementwise functions).
+    With ``apply_stats=False`` the draws are the factors' values themselves."""
     num = len(next(iter(draws.values())))
     total = np.broadcast_to(np.asarray(p.constant, dtype=np.float64), (num, *p.shape)).copy()
     for t in p.terms:
@@ -935,7 +1002,12 @@ def batched_values(p: Poly, draws: Mapping[str, np.ndarray]) -> np.ndarray:
         for f in t.factors:
             x = draws[f.site]
             elementwise = all(a.elementwise for a, _ in f.stat.atoms)
-            value = f.stat(x) if elementwise else jax.vmap(f.stat)(jnp.asarray(x))
+            if not apply_stats:
+                value = x
+            elif elementwise:
+                value = f.stat(np.asarray(x))
+            else:
+                value = jax.vmap(f.stat)(jnp.asarray(x))
             args += [np.asarray(value, dtype=np.float64), [0] + [index[i] for i in f.labels]]
         kept = [index[i] for i in t.out if i in index]
         value = np.einsum(*args, [0] + kept, optimize=True) if args else np.ones((num,))
@@ -973,7 +1045,8 @@ def log_of(atom: Atom) -> Atom:
     if atom == X_ATOM:
         return LOG_ATOM
     if atom == ABS_ATOM:
-        return Atom("log(abs(x))", lambda x: jnp.log(jnp.abs(x)))
+        return Atom("log(abs(x))", _either(lambda x: np.log(np.abs(x)),
+                                           lambda x: jnp.log(jnp.abs(x))))
     return Atom(f"log({atom.name})", lambda x, fn=atom.fn: jnp.log(fn(x)))
 
 
@@ -1006,9 +1079,9 @@ def routed(p: Poly) -> tuple[np.ndarray, np.ndarray, Factor] | None:
         return None
     shape = tuple(sizes[i] for i in f.labels)
     size = max(int(np.prod(shape)), 1)
-    basis = jnp.eye(size).reshape((size, *shape))
-    response = np.asarray(jax.vmap(lambda e: t.evaluate(lambda _f: e, p.shape))(basis))
-    response = response.reshape(size, -1)
+    basis = np.eye(size).reshape((size, *shape))
+    response = batched_values(Poly(p.shape, [t], np.zeros(p.shape)), {f.site: basis},
+                              apply_stats=False).reshape(size, -1)
     nonzero = response != 0
     if not np.all(nonzero.sum(axis=0) == 1):
         return None
