@@ -368,6 +368,45 @@ def _expand(term: Term, sites: Mapping[str, LatentSite], stat_index: Callable[[s
             for sign, ops, facs in variants]
 
 
+MAX_DENSE = 4_000_000  # entries of a term's precontracted coefficient array
+
+
+def contract_operands(term: ExpandedTerm) -> ExpandedTerm:
+    """The term with its constant operands contracted into one array over the labels the
+    factors use (e.g. X_ni X_nj -> (X^T X)_ij), when that array is not too large: the compiled
+    CAVI program then has fewer, cheaper einsums."""
+    sizes: dict[int, int] = {}
+    for a, lab in term.operands:
+        sizes.update(zip(lab, np.shape(a), strict=True))
+    factor_labels = list(dict.fromkeys(i for *_, lab in term.factors for i in lab))
+    keep = [i for i in factor_labels if i in sizes]
+    if int(np.prod([sizes[i] for i in keep])) > MAX_DENSE:
+        return term
+    args: list[Any] = []
+    for a, lab in term.operands:
+        args += [np.asarray(a, dtype=np.float64), list(lab)]
+    dense = np.einsum(*args, keep, optimize=True)
+    return canonical(ExpandedTerm(((dense, tuple(keep)),), term.factors))
+
+
+def merge_terms(terms: list[ExpandedTerm]) -> list[ExpandedTerm]:
+    """Terms with one operand and the same factors and labels, summed into one."""
+    merged: dict[tuple, ExpandedTerm] = {}
+    rest = []
+    for t in terms:
+        if len(t.operands) != 1:
+            rest.append(t)
+            continue
+        (a, lab), = t.operands
+        key = (lab, np.shape(a), t.factors)
+        if key in merged:
+            b = merged[key].operands[0][0]
+            merged[key] = ExpandedTerm(((b + a, lab),), t.factors)
+        else:
+            merged[key] = t
+    return list(merged.values()) + rest
+
+
 def canonical(term: ExpandedTerm) -> ExpandedTerm:
     """The term with its einsum labels renamed 0, 1, ... in order of first appearance."""
     index: dict[int, int] = {}
@@ -421,6 +460,7 @@ def analyse_model(
         for name, c in counts.items():
             self_coupled[name] |= c > 1
         terms += _expand(term, sites, stat_index)
+    terms = merge_terms([contract_operands(t) for t in terms])
     missing = [n for n, s in stats.items() if not s]
     if missing:
         raise ValueError(f"latent site(s) {missing} do not appear in the log density")
