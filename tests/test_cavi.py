@@ -244,3 +244,35 @@ def test_bilinear_coupling_of_families_without_names():
         ey = eta_y0 + A.T @ ox.mean(ex)
     np.testing.assert_allclose(result.params["x_eta"], ex, rtol=1e-8)
     np.testing.assert_allclose(result.params["y_eta"], ey, rtol=1e-8)
+
+
+def test_lasso_with_a_trained_oracle_agrees_with_the_exact_one():
+    """Model c with the weights' GaussLaplace factors given by a trained neural oracle: posterior
+    means within 2% of a posterior sd of the exact-oracle run."""
+    from test_training import synthetic_dataset
+
+    family = nnef.families.GaussLaplace()
+    etas = nnef.sample_etas(family, key=jax.random.key(5), low=[-2.5, -2.0, -1.5],
+                            high=[2.5, -0.5, -0.5], num=200)
+    dataset = synthetic_dataset(family, etas, jax.random.key(6), noise=0.005)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        oracle = nnef.train_oracle(dataset, key=jax.random.key(7), progress=False,
+                                   max_epochs=1000, patience=500, sobolev_weight=30.0,
+                                   out_of_range="error")
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(60, 5))
+    X /= np.linalg.norm(X, axis=0)  # unit columns keep the weights' eta inside the data's box
+    y = X @ np.array([0.6, 0.0, -0.4, 0.0, 0.2]) + 0.6 * rng.normal(size=60)
+    means = {}
+    for label, oracles in (("exact", None), ("trained", {"w": oracle})):
+        guide = nnef.CAVIGuide(lasso, oracles=oracles)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a learned oracle: ELBO flat
+            result = nnef.CAVI(lasso, guide).run(jax.random.key(0), 100, jnp.asarray(X),
+                                                 jnp.asarray(y))
+        assert result.converged
+        means[label] = np.asarray(result.state.mean["w"])
+    sd = np.sqrt(means["exact"][:, 1] - means["exact"][:, 0] ** 2)
+    gap = np.max(np.abs(means["trained"][:, 0] - means["exact"][:, 0]) / sd)
+    assert gap < 0.02
