@@ -276,3 +276,13 @@ def test_lasso_with_a_trained_oracle_agrees_with_the_exact_one():
     sd = np.sqrt(means["exact"][:, 1] - means["exact"][:, 0] ** 2)
     gap = np.max(np.abs(means["trained"][:, 0] - means["exact"][:, 0]) / sd)
     assert gap < 0.02
+
+
+def test_plates_that_do_not_match_the_data_name_the_site():
+    def model(y):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("n", 5):
+            numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    with pytest.raises(ValueError, match=r"'y'.*plate's size"):
+        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, jnp.ones(7))

@@ -112,7 +112,11 @@ def model_sites(model: Callable, args: tuple, kwargs: dict, key: Array
         return jnp.asarray(draws[msg["name"]][0])
 
     traced = handlers.substitute(handlers.seed(model, key), substitute_fn=draw)
-    trace = handlers.trace(traced).get_trace(*args, **kwargs)
+    try:
+        trace = handlers.trace(traced).get_trace(*args, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"running the model with these arguments failed: {err}. Check that "
+                         "every plate's size matches the data observed inside it.") from err
     latent: dict[str, LatentSite] = {}
     for name, site in trace.items():
         if site["type"] != "sample":
