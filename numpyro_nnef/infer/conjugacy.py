@@ -128,6 +128,12 @@ def model_sites(model: Callable, args: tuple, kwargs: dict, key: Array
                     f"observed site {name!r} contains NaN or infinite values "
                     f"({int((~np.isfinite(value)).sum())} of {value.size}); remove or mask them"
                 )
+            expected = tuple(site["fn"].shape())
+            if np.broadcast_shapes(value.shape, expected) != expected:
+                raise ValueError(
+                    f"observed site {name!r}: data of shape {value.shape} where the model's "
+                    f"distribution (inside its plates) has shape {expected}. Check that every "
+                    f"plate's size matches the data observed inside it.")
             continue
         base = _base_distribution(site["fn"])
         value = np.asarray(site["value"])
