@@ -129,7 +129,11 @@ def model_sites(model: Callable, args: tuple, kwargs: dict, key: Array
                     f"({int((~np.isfinite(value)).sum())} of {value.size}); remove or mask them"
                 )
             expected = tuple(site["fn"].shape())
-            if np.broadcast_shapes(value.shape, expected) != expected:
+            try:
+                fits = np.broadcast_shapes(value.shape, expected) == expected
+            except ValueError:
+                fits = False
+            if not fits:
                 raise ValueError(
                     f"observed site {name!r}: data of shape {value.shape} where the model's "
                     f"distribution (inside its plates) has shape {expected}. Check that every "
