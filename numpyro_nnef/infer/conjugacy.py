@@ -511,6 +511,9 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
             fam, B, c = _RESOLVED[key]
             return SiteFamily(fam, ExactOracle(fam), B, c)
     for fam in candidate_families(site):
+        log_h = np.asarray(fam.log_base_measure(jnp.asarray(elements)))
+        if np.ptp(log_h) > 0:  # E_q[log h] is not in the ELBO: only constant base measures
+            continue
         fit = fit_statistics(stats, fam, elements)
         if fit is not None:
             if key is not None:
