@@ -40,7 +40,7 @@ Array = jax.Array
 
 __all__ = ["LatentSite", "SiteFamily", "ConjugateModel", "analyse_model", "NonConjugateError"]
 
-NUM_DRAWS = 64  # support draws for support checks and family matching
+NUM_DRAWS = 32  # support draws for support checks and family matching
 FIT_TOLERANCE = 1e-7
 # built-in families with exact oracles that CAVI may assign to a site, tried smallest first
 NAMED_FAMILIES = ("Gaussian", "GaussLaplace", "Gamma", "Exponential", "InverseGamma",

@@ -510,6 +510,7 @@ class Interpreter:
         self.draws = {k: np.asarray(v) for k, v in draws.items()}
         self.finite_supports = {k: np.asarray(v) for k, v in (finite_supports or {}).items()}
         self.indicator_cache: dict[Any, dict[int, Poly]] = {}
+        self._sampled: dict[int, tuple[Poly, np.ndarray]] = {}
 
     # -------------------------------------------------------------- helpers
     def sampled(self, v: Value) -> np.ndarray:
@@ -521,7 +522,9 @@ class Interpreter:
             v = v.expand()
         if not isinstance(v, Poly):
             return np.broadcast_to(np.asarray(v), (num, *np.shape(v)))
-        return batched_values(v, self.draws)
+        if id(v) not in self._sampled:  # support checks often test one value several times
+            self._sampled[id(v)] = (v, batched_values(v, self.draws))
+        return self._sampled[id(v)][1]
 
     def error(self, sites: set[str], what: str) -> NonConjugateError:
         names = ", ".join(sorted(sites))
