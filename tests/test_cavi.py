@@ -258,7 +258,7 @@ def test_lasso_with_a_trained_oracle_agrees_with_the_exact_one():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         oracle = nnef.train_oracle(dataset, key=jax.random.key(7), progress=False,
-                                   max_epochs=1000, patience=500, sobolev_weight=30.0,
+                                   max_epochs=700, patience=500, sobolev_weight=30.0,
                                    out_of_range="error")
     rng = np.random.default_rng(3)
     X = rng.normal(size=(60, 5))
