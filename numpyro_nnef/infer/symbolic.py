@@ -189,12 +189,14 @@ class Term:
         return Term(operands, factors, self.out)
 
     def evaluate(self, stat_values: Callable[[Factor], Array], shape: tuple[int, ...]) -> Array:
-        """The term's value, given the value of every factor (an array over the factor's labels)."""
+        """The term's value, given the value of every factor (an array over the factor's labels);
+        computed in numpy when every input is a numpy array (analysis), in JAX otherwise."""
         args: list[Any] = []
         for array, lab in self.operands:
-            args += [jnp.asarray(array), list(lab)]
+            args += [array, list(lab)]
         for f in self.factors:
             args += [stat_values(f), list(f.labels)]
+        xp = np if all(isinstance(a, (np.ndarray, np.generic)) for a in args[::2]) else jnp
         present = {i for _, lab in self.operands for i in lab} | {
             i for f in self.factors for i in f.labels}
         kept = [i for i in self.out if i in present]
@@ -202,13 +204,13 @@ class Term:
         index = {lab: k for k, lab in enumerate(ordered)}
         args = [index_list(a, index) if isinstance(a, list) else a for a in args]
         if args:
-            value = jnp.einsum(*args, [index[i] for i in kept], optimize="greedy")
+            value = xp.einsum(*args, [index[i] for i in kept], optimize="greedy")
         else:
-            value = jnp.ones(())
+            value = xp.ones(())
         # broadcast axes (out labels that appear nowhere)
         expand = [k for k, i in enumerate(self.out) if i not in present]
-        value = jnp.expand_dims(value, expand) if expand else value
-        return jnp.broadcast_to(value, shape)
+        value = xp.expand_dims(value, expand) if expand else value
+        return xp.broadcast_to(value, shape)
 
 
 def _one_hot_along(array: np.ndarray, axis: int) -> bool:
