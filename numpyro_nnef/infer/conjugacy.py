@@ -263,10 +263,6 @@ class ConjugateModel:
     self_coupled: dict[str, bool]
     initial_values: dict[str, np.ndarray]  # one random point of every site's support
 
-    def site_stat_values(self, name: str, x: Array) -> Array:
-        """The site's statistics at one element x, flattened: (num_stats,)."""
-        return jnp.concatenate([jnp.ravel(s(x)) for s in self.stats[name]])
-
     def site_stat_batch(self, name: str, elements: np.ndarray) -> np.ndarray:
         """The statistics of a batch of elements (N, *element_shape) -> (N, num_stats), in
         numpy where the statistics are elementwise (nothing to compile)."""
@@ -279,11 +275,6 @@ class ConjugateModel:
                 value = np.asarray(jax.vmap(stat)(jnp.asarray(elements)))
             parts.append(value.reshape(len(elements), -1))
         return np.concatenate(parts, axis=1)
-
-    def stat_sizes(self, name: str) -> list[int]:
-        site = self.sites[name]
-        probe = jnp.zeros(site.element_shape) + 0.5
-        return [int(np.size(jax.eval_shape(s, probe))) for s in self.stats[name]]
 
     def split(self, name: str, flat: Array) -> list[Array]:
         """(batch..., num_stats) -> one array per statistic, (batch..., *stat element shape)."""
@@ -338,10 +329,6 @@ def oracle_key(oracle: Any) -> tuple:
     if isinstance(oracle, ExactOracle):
         return ("exact", oracle.family.cache_key())
     return ("object", id(oracle))
-
-
-def _element_labels(site: LatentSite, labels: tuple[int, ...]) -> tuple[int, ...]:
-    return labels[: len(site.batch_shape)]
 
 
 def _expand(term: Term, sites: Mapping[str, LatentSite], stat_index: Callable[[str, Stat], int]
