@@ -423,6 +423,22 @@ def test_rectified_gaussian_far_tail():
     assert np.all(np.isfinite(cov)) and np.all(np.linalg.eigvalsh(cov).min(-1) > 0)
 
 
+@pytest.mark.parametrize("family", [RectifiedGaussian(), GaussLaplace()], ids=lambda f: f.name)
+def test_closed_form_mean_is_the_gradient_of_the_log_partition(family):
+    """The closed-form E[T] equals grad A on both sides of the tail switch (z = -4) and deep in
+    the tail, for both signs of the |x| coefficient."""
+    e1 = np.array([-1e4, -200.0, -9.0, -5.7, -4.01, -3.99, -1.0, 0.0, 0.3, 2.0, 8.0, 40.0])
+    e2 = np.array([-0.01, -0.5, -3.0, -40.0])
+    grid = np.stack(np.meshgrid(e1, e2), -1).reshape(-1, 2)
+    if family.stat_dim == 3:
+        grid = np.concatenate([np.c_[grid, -np.abs(grid[:, :1]) - 1.0],
+                               np.c_[grid, np.abs(grid[:, :1]) + 0.5]])
+    etas = jnp.asarray(grid)
+    closed = np.asarray(jax.vmap(family.closed_form_mean)(etas))
+    grad = np.asarray(jax.vmap(jax.grad(family.closed_form_log_partition))(etas))
+    np.testing.assert_allclose(closed, grad, rtol=1e-11, atol=1e-300)
+
+
 # ---------------------------------------------------------------------------- smoothness
 # The removable singularities (VonMises at eta = 0, LaplaceProduct at a == b) and the branch
 # switches are in the case lists above, so the Hessians there are checked against quadrature and

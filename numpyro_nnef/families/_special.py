@@ -107,6 +107,14 @@ def _log_mills_tail(z: Array) -> Array:
     return -HALF_LOG_2PI - jnp.log1p(0.5 / (t * r))
 
 
+def _continued_fraction_r3(t: Array) -> Array:
+    """r_3 of r_k = t + (k/2)/r_{k+1} (the continued fraction of sqrt(pi) erfcx(t) = 1/r_1)."""
+    def level(i, r):
+        return t + (0.5 * (_CF_TERMS - i)).astype(t.dtype) / r
+
+    return jax.lax.fori_loop(0, _CF_TERMS - 2, level, t)
+
+
 def log_ndtr_half_square(z: Array) -> Array:
     """log Phi(z) + z^2/2, without the cancellation of the two terms for z << 0."""
     z = jnp.asarray(z)
@@ -138,6 +146,28 @@ def rectified_gaussian_log_partition(eta1: Array, eta2: Array) -> Array:
     tail_value = HALF_LOG_2PI - jnp.log(-e1_tail) + _log_mills_tail(e1_tail * s_tail)
     body_value = HALF_LOG_2PI + jnp.log(s) + log_ndtr(z_body) + 0.5 * z_body * z_body
     return jnp.where(tail, tail_value, body_value)
+
+
+def rectified_gaussian_moments(eta1: Array, eta2: Array) -> tuple[Array, Array]:
+    """(E x, E x^2) of exp(eta1 x + eta2 x^2) on x >= 0: s (z + l), s^2 (1 + z (z + l)).
+
+    Here z = eta1 s, s^2 = -1/(2 eta2) and l = phi(z)/Phi(z) (the inverse Mills ratio). For
+    z < -4 the continued fraction gives z + l = 1/(sqrt(2) r_2) and 1 + z (z + l) = 1/(r_2 r_3)
+    (t = -z/sqrt(2)) without cancellation. The gradient of ``rectified_gaussian_log_partition``
+    in closed form: a much smaller program than autodiff through it.
+    """
+    eta1, eta2 = jnp.broadcast_arrays(jnp.asarray(eta1), jnp.asarray(eta2))
+    s = jnp.sqrt(-0.5 / eta2)
+    z = eta1 * s
+    tail = z < _TAIL_SWITCH
+    z_body = jnp.where(tail, 0.0, z)
+    z_plus_l = z_body + jnp.exp(-HALF_LOG_2PI - log_ndtr(z_body) - 0.5 * z_body * z_body)
+    t = jnp.where(tail, -z, -2.0 * _TAIL_SWITCH) / math.sqrt(2.0)
+    r3 = _continued_fraction_r3(t)
+    r2 = t + 1.0 / r3
+    first = jnp.where(tail, 1.0 / (math.sqrt(2.0) * r2), z_plus_l)
+    second = jnp.where(tail, 1.0 / (r2 * r3), 1.0 + z_body * z_plus_l)
+    return s * first, s * s * second
 
 
 _NEWTON_STEPS = 12

@@ -15,6 +15,7 @@ from ..family import Array, ExponentialFamily, NaturalDomain
 from ._special import (
     jit_sampler,
     rectified_gaussian_log_partition,
+    rectified_gaussian_moments,
     standard_normal_excess,
     uniform_open_closed,
 )
@@ -67,6 +68,10 @@ class RectifiedGaussian(ExponentialFamily):
         """A(eta) = log int_0^inf exp(eta1 x + eta2 x^2) dx."""
         return rectified_gaussian_log_partition(eta[0], eta[1])
 
+    def closed_form_mean(self, eta: Array) -> Array:
+        """E[T] = (s (z + l), s^2 (1 + z (z + l))), l the inverse Mills ratio at z = m/s."""
+        return jnp.stack(rectified_gaussian_moments(eta[0], eta[1]))
+
     def natural_init_from_mean(self, mu: Array) -> Array:
         """Newton's start for mu -> eta: the moment-matched Gaussian (E x, E x^2)."""
         return _moment_matched_gaussian(mu, 0)
@@ -113,6 +118,17 @@ class GaussLaplace(ExponentialFamily):
     def closed_form_log_partition(self, eta: Array) -> Array:
         """A(eta) = logaddexp(A_RG(eta1 + eta3, eta2), A_RG(eta3 - eta1, eta2))."""
         return logsumexp(self._half_log_partitions(eta), axis=-1)
+
+    def closed_form_mean(self, eta: Array) -> Array:
+        """E[T] from the two half lines y = |x| >= 0, weighted by p_+- = exp(A_+- - A):
+        E x = p+ E+ y - p- E- y, E x^2 = p+ E+ y^2 + p- E- y^2, E|x| = p+ E+ y + p- E- y."""
+        e1, e2, e3 = eta[0], eta[1], eta[2]
+        linear = jnp.stack([e3 + e1, e3 - e1])
+        halves = rectified_gaussian_log_partition(linear, e2)
+        weights = jnp.exp(halves - logsumexp(halves))
+        first, second = rectified_gaussian_moments(linear, e2)
+        return jnp.stack([weights[0] * first[0] - weights[1] * first[1], weights @ second,
+                          weights @ first])
 
     def natural_init_from_mean(self, mu: Array) -> Array:
         """Newton's start for mu -> eta: the moment-matched Gaussian, eta3 = 0."""

@@ -140,17 +140,18 @@ class CAVI:
         mu, eta, mean, ok = {}, {}, {}, {}
         for name, site in cm.sites.items():
             x = np.asarray(cm.initial_values[name]).reshape((-1, *site.element_shape))
-            mu[name] = jnp.asarray(cm.site_stat_batch(name, x).reshape((*site.batch_shape, -1)))
+            # numpy until the first compiled sweep (eager jnp calls would each compile)
+            mu[name] = cm.site_stat_batch(name, x).reshape((*site.batch_shape, -1))
             d = cm.families[name].family.stat_dim
-            eta[name] = jnp.zeros((*site.batch_shape, d))
-            mean[name] = jnp.zeros((*site.batch_shape, d))
-            ok[name] = jnp.asarray(True)
+            eta[name] = np.zeros((*site.batch_shape, d))
+            mean[name] = np.zeros((*site.batch_shape, d))
+            ok[name] = np.asarray(True)
         key = (cm.signature(), self.damping)
         if key not in _PROGRAMS:
             _PROGRAMS[key] = _Program(self._make_sweep(cm), partial(self._elbo, cm))
         self._program = _PROGRAMS[key]
-        self._data = [jnp.asarray(a) for a in cm.data()]
-        return CAVIState(mu, eta, mean, jnp.asarray(np.float64(-np.inf)), ok)
+        self._data = [np.asarray(a) for a in cm.data()]
+        return CAVIState(mu, eta, mean, np.asarray(-np.inf), ok)
 
     def _make_sweep(self, cm: ConjugateModel) -> Callable[[list[Array], CAVIState], CAVIState]:
         """The sweep over all sites, a pure function of (data, state) for this structure."""

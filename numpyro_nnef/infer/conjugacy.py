@@ -25,6 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions import constraints
@@ -34,7 +35,15 @@ from numpyro.infer.util import log_density
 from .. import families
 from ..family import ExponentialFamily
 from ..oracles import ExactOracle
-from .symbolic import Factor, NonConjugateError, Poly, Stat, Term, trace_log_density
+from .symbolic import (
+    Factor,
+    NonConjugateError,
+    Poly,
+    Stat,
+    Term,
+    evaluate_in_numpy,
+    trace_log_density,
+)
 
 Array = jax.Array
 
@@ -109,11 +118,14 @@ def model_sites(model: Callable, args: tuple, kwargs: dict, key: Array
         if msg["type"] != "sample" or msg["is_observed"]:
             return None
         draws[msg["name"]] = support_draws(msg["fn"], NUM_DRAWS + 1, rng)
-        return jnp.asarray(draws[msg["name"]][0])
+        return draws[msg["name"]][0]
 
-    traced = handlers.substitute(handlers.seed(model, key), substitute_fn=draw)
+    # every latent value is substituted, so no random key is needed; validation is off because
+    # its checks run op by op (each an XLA compilation) and the analysis checks the data itself
+    traced = handlers.substitute(model, substitute_fn=draw)
     try:
-        trace = handlers.trace(traced).get_trace(*args, **kwargs)
+        with numpyro.validation_enabled(False):
+            trace = handlers.trace(traced).get_trace(*args, **kwargs)
     except ValueError as err:
         raise ValueError(f"running the model with these arguments failed: {err}. Check that "
                          "every plate's size matches the data observed inside it.") from err
@@ -225,7 +237,7 @@ def fit_statistics(stats: Callable[[np.ndarray], np.ndarray], family: Exponentia
     """(B, c) with stats(x) = B T(x) + c on every element draw (``stats`` maps a batch of
     elements to (N, num_stats)), or None when no exact fit."""
     s = np.asarray(stats(elements))
-    t = np.asarray(family.sufficient_statistics(jnp.asarray(elements)))
+    (t,) = evaluate_in_numpy(family.sufficient_statistics, elements)
     if not (np.all(np.isfinite(s)) and np.all(np.isfinite(t))):
         return None
     design = np.concatenate([t, np.ones((len(t), 1))], axis=1)
@@ -272,14 +284,14 @@ class ConjugateModel:
             if all(a.elementwise for a, _ in stat.atoms):
                 value = np.asarray(stat(elements))
             else:
-                value = np.asarray(jax.vmap(stat)(jnp.asarray(elements)))
+                (value,) = evaluate_in_numpy(jax.vmap(stat), elements)
             parts.append(value.reshape(len(elements), -1))
         return np.concatenate(parts, axis=1)
 
     def split(self, name: str, flat: Array) -> list[Array]:
         """(batch..., num_stats) -> one array per statistic, (batch..., *stat element shape)."""
         site = self.sites[name]
-        probe = jnp.zeros(site.element_shape) + 0.5
+        probe = np.full(site.element_shape, 0.5)
         out, start = [], 0
         for s in self.stats[name]:
             shape = jax.eval_shape(s, probe).shape
@@ -498,7 +510,7 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
             fam, B, c = _RESOLVED[key]
             return SiteFamily(fam, ExactOracle(fam), B, c)
     for fam in candidate_families(site):
-        log_h = np.asarray(fam.log_base_measure(jnp.asarray(elements)))
+        (log_h,) = evaluate_in_numpy(fam.log_base_measure, elements)
         if np.ptp(log_h) > 0:  # E_q[log h] is not in the ELBO: only constant base measures
             continue
         fit = fit_statistics(stats, fam, elements)

@@ -26,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.special
 from jax.extend import core as jcore
 
 Array = jax.Array
@@ -420,8 +421,9 @@ def broadcast_in_dim(p: Poly, shape: tuple[int, ...], dims: Sequence[int]) -> Po
                 out[d] = t.out[k]
             # size 1 -> n: the old label leaves ``out`` and is summed over its single value
         terms.append(Term(t.operands, t.factors, tuple(out)))
-    constant = jax.lax.broadcast_in_dim(p.constant, shape, tuple(dims))
-    return Poly(shape, terms, np.asarray(constant))
+    constant = numpy_bind("broadcast_in_dim", {"broadcast_dimensions": tuple(dims)},
+                          [p.constant], shape, np.float64)
+    return Poly(shape, terms, constant)
 
 
 def linear_map(p: Poly, matrix: np.ndarray, out_shape: tuple[int, ...]) -> Poly:
@@ -458,49 +460,134 @@ NUMPY_ELEMENTWISE: dict[str, Callable[..., np.ndarray]] = {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "neg": np.negative,
     "log": np.log, "exp": np.exp, "log1p": np.log1p, "sqrt": np.sqrt, "abs": np.abs,
     "max": np.maximum, "min": np.minimum, "sign": np.sign, "floor": np.floor, "ceil": np.ceil,
-    "expm1": np.expm1, "tanh": np.tanh,
+    "expm1": np.expm1, "tanh": np.tanh, "square": np.square, "exp2": np.exp2,
 }
+SCIPY_ELEMENTWISE = {"lgamma": "gammaln", "digamma": "digamma", "erf": "erf", "erfc": "erfc",
+                     "erf_inv": "erfinv", "logistic": "expit"}
+# every elementwise primitive that ``numpy_bind`` evaluates
+NUMPY_ELEMENTWISE_ALL = {*NUMPY_ELEMENTWISE, *SCIPY_ELEMENTWISE, "div", "pow", "integer_pow",
+                         "rsqrt", "clamp", "rem", "round", "select_n", "convert_element_type"}
 
 
 def numpy_fold(eqn, ins: list[np.ndarray]) -> np.ndarray | None:
-    """A constant equation evaluated in numpy (no XLA compilation) when numpy computes exactly
-    the same thing; None otherwise (the caller binds the primitive)."""
-    name, params = eqn.primitive.name, eqn.params
-    aval = eqn.outvars[0].aval if len(eqn.outvars) == 1 else None
-    if aval is None:
+    """A constant equation evaluated in numpy (no XLA compilation); None where numpy has no
+    equivalent (the caller binds the primitive)."""
+    if len(eqn.outvars) != 1:
         return None
-    dtype = np.dtype(aval.dtype)
+    aval = eqn.outvars[0].aval
+    return numpy_bind(eqn.primitive.name, eqn.params, ins, tuple(aval.shape), aval.dtype)
+
+
+def numpy_bind(name: str, params: Mapping[str, Any], ins: Sequence[np.ndarray],
+               shape: tuple[int, ...], dtype: Any) -> np.ndarray | None:
+    """Primitive ``name`` applied to numpy arrays, giving ``shape`` and ``dtype``; None when it
+    has no numpy equivalent here."""
+    dtype = np.dtype(dtype)
     with np.errstate(all="ignore"):
-        if name in NUMPY_ELEMENTWISE:
-            out = NUMPY_ELEMENTWISE[name](*ins)
-        elif name == "div" and dtype.kind == "f":
-            out = np.divide(*ins)
-        elif name == "integer_pow":
-            out = np.power(ins[0], params["y"]) if params["y"] >= 0 else (
-                1.0 / np.power(ins[0], -params["y"]))
-        elif name == "rsqrt":
-            out = 1.0 / np.sqrt(ins[0])
-        elif name in ("convert_element_type", "stop_gradient", "copy", "copy_p"):
-            out = ins[0]
-        elif name == "broadcast_in_dim":
-            dims = params["broadcast_dimensions"]
-            shape = [1] * len(aval.shape)
-            for k, d in enumerate(dims):
-                shape[d] = np.shape(ins[0])[k]
-            out = np.broadcast_to(np.reshape(ins[0], shape), aval.shape)
-        elif name == "reshape" and params.get("dimensions") is None:
-            out = np.reshape(ins[0], aval.shape)
-        elif name == "squeeze":
-            out = np.reshape(ins[0], aval.shape)
-        elif name == "reduce_sum":
-            out = np.sum(ins[0], axis=tuple(params["axes"]))
-        elif name == "select_n" and len(ins) == 3:
-            out = np.where(np.asarray(ins[0]).astype(bool), ins[2], ins[1])
-        elif name == "transpose":
-            out = np.transpose(ins[0], params["permutation"])
-        else:
-            return None
-    return np.asarray(out).astype(dtype, copy=False).reshape(aval.shape)
+        out = _numpy_primitive(name, params, [np.asarray(x) for x in ins], shape, dtype)
+    if out is None:
+        return None
+    return np.asarray(out).astype(dtype, copy=False).reshape(shape)
+
+
+def _numpy_primitive(name, params, ins, shape, dtype):  # noqa: C901 (one table of cases)
+    if name in NUMPY_ELEMENTWISE:
+        return NUMPY_ELEMENTWISE[name](*ins)
+    if name in SCIPY_ELEMENTWISE:
+        return getattr(scipy.special, SCIPY_ELEMENTWISE[name])(*ins)
+    if name == "div" and dtype.kind == "f":
+        return np.divide(*ins)
+    if name == "pow" and dtype.kind == "f":
+        return np.power(*ins)
+    if name == "integer_pow":
+        y = params["y"]
+        return np.power(ins[0], y) if y >= 0 else 1.0 / np.power(ins[0], -y)
+    if name == "rsqrt":
+        return 1.0 / np.sqrt(ins[0])
+    if name == "clamp":
+        return np.minimum(np.maximum(ins[1], ins[0]), ins[2])
+    if name == "rem":
+        return np.fmod(*ins)
+    if name == "round":
+        x = ins[0]
+        half_even = int(params.get("rounding_method", 0)) == 1
+        return np.round(x) if half_even else np.sign(x) * np.floor(np.abs(x) + 0.5)
+    if name in ("convert_element_type", "stop_gradient", "copy", "copy_p", "reshape",
+                "squeeze", "reduce_precision") and (
+            name != "reshape" or params.get("dimensions") is None):
+        return ins[0]
+    if name == "broadcast_in_dim":
+        expanded = [1] * len(shape)
+        for k, d in enumerate(params["broadcast_dimensions"]):
+            expanded[d] = ins[0].shape[k]
+        return np.broadcast_to(np.reshape(ins[0], expanded), shape)
+    if name in ("reduce_sum", "reduce_max", "reduce_min", "reduce_prod"):
+        reduce = {"reduce_sum": np.sum, "reduce_max": np.max, "reduce_min": np.min,
+                  "reduce_prod": np.prod}[name]
+        return reduce(ins[0], axis=tuple(params["axes"]))
+    if name == "select_n" and len(ins) == 3:
+        return np.where(ins[0].astype(bool), ins[2], ins[1])
+    if name == "transpose":
+        return np.transpose(ins[0], params["permutation"])
+    if name == "iota":
+        dim = params["dimension"]
+        return np.broadcast_to(np.arange(shape[dim]).reshape(
+            [-1 if k == dim else 1 for k in range(len(shape))]), shape)
+    if name == "slice":
+        strides = params.get("strides") or [1] * ins[0].ndim
+        return ins[0][tuple(slice(a, b, c) for a, b, c in zip(
+            params["start_indices"], params["limit_indices"], strides, strict=True))]
+    if name == "rev":
+        return np.flip(ins[0], axis=tuple(params["dimensions"]))
+    if name == "concatenate":
+        return np.concatenate(ins, axis=params["dimension"])
+    if name == "pad" and all(lo >= 0 and hi >= 0 and mid == 0
+                             for lo, hi, mid in params["padding_config"]):
+        widths = [(lo, hi) for lo, hi, _ in params["padding_config"]]
+        return np.pad(ins[0], widths, constant_values=ins[1])
+    if name == "cumsum":
+        x = np.flip(ins[0], params["axis"]) if params["reverse"] else ins[0]
+        out = np.cumsum(x, axis=params["axis"])
+        return np.flip(out, params["axis"]) if params["reverse"] else out
+    if name == "dot_general":
+        return _numpy_dot_general(*ins, params["dimension_numbers"])
+    return None
+
+
+def _numpy_dot_general(a: np.ndarray, b: np.ndarray, dimension_numbers) -> np.ndarray:
+    """lax.dot_general in numpy: batch axes, then a's free axes, then b's free axes."""
+    (ca, cb), (ba, bb) = dimension_numbers
+    la = list(range(a.ndim))
+    lb = list(range(a.ndim, a.ndim + b.ndim))
+    for i, j in zip(ca, cb, strict=True):
+        lb[j] = la[i]
+    for i, j in zip(ba, bb, strict=True):
+        lb[j] = la[i]
+    out = ([la[i] for i in ba] + [la[i] for i in range(a.ndim) if i not in ca and i not in ba]
+           + [lb[j] for j in range(b.ndim) if j not in cb and j not in bb])
+    return np.einsum(a, la, b, lb, out)
+
+
+def bind_constant(eqn, ins: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """A constant equation's outputs: in numpy where possible, else by binding the primitive."""
+    folded = numpy_fold(eqn, list(ins))
+    if folded is not None:
+        return [folded]
+    outs = eqn.primitive.bind(*[jnp.asarray(x) for x in ins], **eqn.params)
+    return [np.asarray(o) for o in (outs if eqn.primitive.multiple_results else [outs])]
+
+
+def evaluate_in_numpy(fn: Callable[..., Any], *args: np.ndarray) -> list[np.ndarray]:
+    """fn(*args) of numpy arrays through its jaxpr, in numpy where it can (analysis code calls
+    small jnp functions on draws: evaluated op by op, each would be an XLA compilation)."""
+    closed = jax.make_jaxpr(fn)(*args)
+    return Interpreter({}).run(closed, [np.asarray(a) for a in args])
+
+
+def inner_jaxpr(params: Mapping[str, Any]) -> jcore.ClosedJaxpr:
+    """The jaxpr a call primitive (jit, custom_jvp_call, ...) evaluates."""
+    inner = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
+    return inner if isinstance(inner, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(inner, ())
 
 
 class Interpreter:
@@ -562,12 +649,9 @@ class Interpreter:
         name = prim.name
         out_avals = [v.aval for v in eqn.outvars]
         if not any(isinstance(x, (Poly, SampledBool, Switch)) for x in ins):
-            folded = numpy_fold(eqn, ins)
-            if folded is not None:
-                return [folded]
-            outs = prim.bind(*[jnp.asarray(x) for x in ins], **params)
-            outs = outs if prim.multiple_results else [outs]
-            return [np.asarray(o) for o in outs]
+            if name in CALLS:
+                return self.run(inner_jaxpr(params), ins)
+            return bind_constant(eqn, ins)
         switches = [x for x in ins if isinstance(x, Switch)]
         if switches and name not in CALLS:
             if name in CASEWISE and len({id(sw.indicators) for sw in switches}) == 1 and all(
@@ -580,10 +664,7 @@ class Interpreter:
             if not any(isinstance(x, (Poly, SampledBool)) for x in ins):
                 return self.apply(eqn, ins)
         if name in CALLS:
-            inner = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
-            if not isinstance(inner, jcore.ClosedJaxpr):
-                inner = jcore.ClosedJaxpr(inner, ())
-            return self.run(inner, ins)
+            return self.run(inner_jaxpr(params), ins)
         shape = tuple(out_avals[0].shape)
         if name in TRANSPARENT:
             return [ins[0]]
@@ -609,16 +690,23 @@ class Interpreter:
 
     # -------------------------------------------------------------- booleans
     def boolean(self, eqn, ins: list[Value]) -> Value:
-        sampled = self.sampled_inputs(eqn, ins)
-        shape = tuple(eqn.outvars[0].aval.shape)
-        if eqn.primitive.name in NUMPY_ELEMENTWISE and all(
-                tuple(v.aval.shape) in ((), shape) for v in eqn.invars):
+        return SampledBool(self.on_draws(eqn, self.sampled_inputs(eqn, ins)))
+
+    @staticmethod
+    def on_draws(eqn, sampled: list[np.ndarray]) -> np.ndarray:
+        """The equation applied to each draw of its inputs (leading axis): in numpy for
+        elementwise primitives, else vmapped."""
+        aval = eqn.outvars[0].aval
+        shape = tuple(aval.shape)
+        if len(eqn.outvars) == 1 and all(tuple(v.aval.shape) in ((), shape) for v in eqn.invars):
             num = len(sampled[0])
             full = [np.asarray(x).reshape((num, *[1] * (len(shape) + 1 - x.ndim), *x.shape[1:]))
                     for x in sampled]
-            return SampledBool(np.asarray(NUMPY_ELEMENTWISE[eqn.primitive.name](*full)))
-        outs = jax.vmap(lambda *xs: eqn.primitive.bind(*xs, **eqn.params))(*sampled)
-        return SampledBool(np.asarray(outs))
+            out = numpy_bind(eqn.primitive.name, eqn.params, full, (num, *shape), aval.dtype) if (
+                eqn.primitive.name in NUMPY_ELEMENTWISE_ALL) else None
+            if out is not None:
+                return out
+        return np.asarray(jax.vmap(lambda *xs: eqn.primitive.bind(*xs, **eqn.params))(*sampled))
 
     def sampled_inputs(self, eqn, ins: list[Value]) -> list[np.ndarray]:
         """Every input's values on the draws, in the dtype the equation expects."""
@@ -659,7 +747,7 @@ class Interpreter:
         if tuple(eqn.outvars[0].aval.shape) != p.shape:
             return None
         sampled = self.sampled_inputs(eqn, ins)
-        out = np.asarray(jax.vmap(lambda *xs: eqn.primitive.bind(*xs, **eqn.params))(*sampled))
+        out = self.on_draws(eqn, sampled)
         if np.array_equal(out, np.asarray(sampled[k])):
             return p
         return out[0] if np.all(out == out[:1]) else None
@@ -707,7 +795,7 @@ class Interpreter:
         of the site, coefficient 1): the same routing applied to stat(x)."""
         site_shape = self.draws[site].shape[1:]
         size = max(int(np.prod(site_shape)), 1)
-        basis = jnp.eye(size).reshape((size, *site_shape))
+        basis = np.eye(size).reshape((size, *site_shape))
         if np.any(p.constant) or p.sites() != {site}:
             raise self.error({site}, "it is used as an index after arithmetic")
         linear = Poly(p.shape, p.terms, np.zeros(p.shape))
@@ -803,8 +891,7 @@ class Interpreter:
         (ca, cb), (ba, bb) = params["dimension_numbers"]
         pa, pb = as_poly(a), as_poly(b)
         out_terms: list[Term] = []
-        const = np.asarray(jax.lax.dot_general(
-            jnp.asarray(pa.constant), jnp.asarray(pb.constant), params["dimension_numbers"]))
+        const = _numpy_dot_general(pa.constant, pb.constant, params["dimension_numbers"])
         a_terms = pa.terms + [constant_term(pa.constant)] if np.any(pa.constant) else pa.terms
         b_terms = pb.terms + [constant_term(pb.constant)] if np.any(pb.constant) else pb.terms
         for t1 in a_terms:
@@ -856,21 +943,28 @@ class Interpreter:
             raise self.error(sites, f"primitive {eqn.primitive.name!r} mixes them")
         (k,) = positions
         p = ins[k]
-        consts = [jnp.zeros(x.shape) if isinstance(x, Poly) else jnp.asarray(x) for x in ins]
+        consts = [np.zeros(x.shape) if isinstance(x, Poly) else np.asarray(x) for x in ins]
 
         def apply(v):
             args = list(consts)
             args[k] = v
-            out = eqn.primitive.bind(*args, **eqn.params)
-            return out[0] if eqn.primitive.multiple_results else out
+            return bind_constant(eqn, args)[0]
 
-        zero = jnp.zeros(p.shape)
-        offset = np.asarray(apply(zero))
-        basis = jnp.eye(max(int(np.prod(p.shape)), 1)).reshape((-1, *p.shape))
-        columns = np.asarray(jax.vmap(apply)(basis)) - offset  # (in, *out)
+        offset = apply(np.zeros(p.shape))
+        basis = np.eye(max(int(np.prod(p.shape)), 1)).reshape((-1, *p.shape))
+        if numpy_fold(eqn, [*consts[:k], basis[0], *consts[k + 1:]]) is not None:
+            columns = np.stack([apply(b) for b in basis]) - offset  # (in, *out)
+        else:
+            jconsts = [jnp.asarray(c) for c in consts]
+
+            def jax_apply(v):
+                out = eqn.primitive.bind(*jconsts[:k], v, *jconsts[k + 1:], **eqn.params)
+                return out[0] if eqn.primitive.multiple_results else out
+
+            columns = np.asarray(jax.vmap(jax_apply)(jnp.asarray(basis))) - offset
         matrix = np.moveaxis(columns.reshape((-1, *shape)), 0, -1).reshape((*shape, *p.shape))
         mapped = linear_map(Poly(p.shape, p.terms, np.zeros(p.shape)), matrix, shape)
-        mapped.constant = np.asarray(apply(jnp.asarray(p.constant)))
+        mapped.constant = apply(np.asarray(p.constant))
         return simplify(mapped)
 
     def concatenate(self, ins, params, shape):

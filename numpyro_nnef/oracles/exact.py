@@ -22,12 +22,20 @@ class ExactOracle(Oracle):
             )
         # Compiled once per oracle: eager calls (and their autodiff) then dispatch one program.
         self._log_partition = jax.jit(family.closed_form_log_partition)
+        # a closed-form mean (where the family has one) compiles to a much smaller program
+        # than the gradient of A
+        mean = getattr(family, "closed_form_mean", None)
+        self._mean = None if mean is None else jax.jit(mean)
         closed = getattr(family, "closed_form_natural_from_mean", None)
         self._natural_from_mean = None if closed is None else jax.jit(closed)
 
     def log_partition_single(self, eta: Array) -> Array:
         """A(eta) in closed form for one flat eta."""
         return self._log_partition(eta)
+
+    def mean_single(self, eta: Array) -> Array:
+        """E[T] = grad A(eta), in closed form when the family has one."""
+        return super().mean_single(eta) if self._mean is None else self._mean(eta)
 
     def natural_from_mean_single(self, mu: Array, init: Array, max_steps: int = 100,
                                  tol: float = 1e-9) -> tuple[Array, Array]:
