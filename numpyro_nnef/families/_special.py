@@ -107,6 +107,12 @@ def _log_mills_tail(z: Array) -> Array:
     return -HALF_LOG_2PI - jnp.log1p(0.5 / (t * r))
 
 
+def only_where_needed(needed: Array, fn: Callable[[Array], Array], x: Array) -> Array:
+    """fn(x), skipped (x returned) when no element needs it: a loop-heavy branch costs nothing
+    on unbatched calls outside its region (under vmap both sides run, as with jnp.where)."""
+    return jax.lax.cond(jnp.any(needed), fn, lambda v: v, x)
+
+
 def _continued_fraction_r3(t: Array) -> Array:
     """r_3 of r_k = t + (k/2)/r_{k+1} (the continued fraction of sqrt(pi) erfcx(t) = 1/r_1)."""
     def level(i, r):
@@ -143,7 +149,8 @@ def rectified_gaussian_log_partition(eta1: Array, eta2: Array) -> Array:
     s_tail = jnp.where(tail, s, 1.0)
     e1_body = jnp.where(tail, 0.0, eta1)
     z_body = e1_body * s
-    tail_value = HALF_LOG_2PI - jnp.log(-e1_tail) + _log_mills_tail(e1_tail * s_tail)
+    tail_value = HALF_LOG_2PI - jnp.log(-e1_tail) + only_where_needed(
+        tail, _log_mills_tail, e1_tail * s_tail)
     body_value = HALF_LOG_2PI + jnp.log(s) + log_ndtr(z_body) + 0.5 * z_body * z_body
     return jnp.where(tail, tail_value, body_value)
 
@@ -163,7 +170,7 @@ def rectified_gaussian_moments(eta1: Array, eta2: Array) -> tuple[Array, Array]:
     z_body = jnp.where(tail, 0.0, z)
     z_plus_l = z_body + jnp.exp(-HALF_LOG_2PI - log_ndtr(z_body) - 0.5 * z_body * z_body)
     t = jnp.where(tail, -z, -2.0 * _TAIL_SWITCH) / math.sqrt(2.0)
-    r3 = _continued_fraction_r3(t)
+    r3 = only_where_needed(tail, _continued_fraction_r3, t)
     r2 = t + 1.0 / r3
     first = jnp.where(tail, 1.0 / (math.sqrt(2.0) * r2), z_plus_l)
     second = jnp.where(tail, 1.0 / (r2 * r3), 1.0 + z_body * z_plus_l)

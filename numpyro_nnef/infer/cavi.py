@@ -235,7 +235,7 @@ class CAVI:
                 steps += 1
                 history.append(float(state.elbo))
                 bar.set_postfix(elbo=f"{history[-1]:.6g}")
-                if _converged(previous, state.elbo, tol) or not all(
+                if _converged(float(previous), history[-1], tol, np) or not all(
                         bool(v) for v in state.ok.values()):
                     break
             elbo = np.asarray(history)
@@ -246,7 +246,7 @@ class CAVI:
         jax.block_until_ready(state.elbo)
         wall = time.perf_counter() - start
         self._check(state, elbo)
-        converged = len(elbo) >= 2 and bool(_converged(elbo[-2], elbo[-1], tol))
+        converged = len(elbo) >= 2 and bool(_converged(elbo[-2], elbo[-1], tol, np))
         params = {f"{name}_eta": eta for name, eta in state.eta.items()}
         return CAVIResult(params, elbo, converged, steps, wall, state)
 
@@ -270,8 +270,9 @@ class CAVI:
                           RuntimeWarning, stacklevel=3)
 
 
-def _converged(previous: Array, current: Array, tol: float) -> Array:
-    return jnp.abs(current - previous) <= tol * jnp.maximum(1.0, jnp.abs(current))
+def _converged(previous: Array, current: Array, tol: float, xp: Any = jnp) -> Array:
+    """|ELBO change| <= tol max(1, |ELBO|), in jnp (inside the loop) or numpy (``xp``)."""
+    return xp.abs(current - previous) <= tol * xp.maximum(1.0, xp.abs(current))
 
 
 class _Program:

@@ -450,11 +450,24 @@ def analyse_model(
         raise ValueError(f"oracles given for {sorted(unknown)}, which are not latent sites of "
                          f"the model (latent: {sorted(sites)})")
     values = {n: np.asarray(trace[n]["value"]) for n in sites}
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    is_array = [isinstance(x, (np.ndarray, jax.Array)) for x in leaves]
+    data = [np.asarray(x) for x, a in zip(leaves, is_array, strict=True) if a]
 
-    def log_joint(vals):
-        return log_density(model, args, kwargs, vals)[0]
+    def log_joint(arrays, vals):
+        arrays = iter(arrays)
+        a, k = jax.tree.unflatten(treedef, [next(arrays) if is_arr else x
+                                            for x, is_arr in zip(leaves, is_array, strict=True)])
+        return log_density(model, a, k, vals)[0]
 
-    poly = trace_log_density(log_joint, values, draws, finite_supports(sites))
+    statics = tuple(None if a else x for x, a in zip(leaves, is_array, strict=True))
+    cache_key = (model, treedef, statics, tuple((d.shape, d.dtype.str) for d in data),
+                 tuple((n, v.shape) for n, v in values.items()))
+    try:
+        hash(cache_key)
+    except TypeError:  # an unhashable static argument: no caching
+        cache_key = None
+    poly = trace_log_density(log_joint, values, draws, finite_supports(sites), data, cache_key)
     if not isinstance(poly, Poly):
         raise ValueError("the model's log density does not depend on its latent sites")
     stats: dict[str, list[Stat]] = {n: [] for n in sites}

@@ -584,6 +584,18 @@ def evaluate_in_numpy(fn: Callable[..., Any], *args: np.ndarray) -> list[np.ndar
     return Interpreter({}).run(closed, [np.asarray(a) for a in args])
 
 
+def live_equations(jaxpr: jcore.Jaxpr) -> list[jcore.JaxprEqn]:
+    """The equations the outputs depend on (NumPyro's argument checks compute values that
+    nothing uses: evaluating them on the draws would only cost time)."""
+    needed = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    live = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in needed for v in eqn.outvars):
+            live.append(eqn)
+            needed.update(v for v in eqn.invars if not isinstance(v, jcore.Literal))
+    return live[::-1]
+
+
 def inner_jaxpr(params: Mapping[str, Any]) -> jcore.ClosedJaxpr:
     """The jaxpr a call primitive (jit, custom_jvp_call, ...) evaluates."""
     inner = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
@@ -637,7 +649,7 @@ class Interpreter:
             env[var] = np.asarray(const)
         for var, arg in zip(jaxpr.invars, args, strict=True):
             env[var] = arg
-        for eqn in jaxpr.eqns:
+        for eqn in live_equations(jaxpr):
             ins = [read(v) for v in eqn.invars]
             outs = self.apply(eqn, ins)
             for var, out in zip(eqn.outvars, outs, strict=True):
@@ -1238,20 +1250,44 @@ def single_site_function(p: Poly, site: str):
 
 
 def trace_log_density(
-    log_density: Callable[..., Array],
+    log_density: Callable[[Sequence[np.ndarray], dict[str, Array]], Array],
     sites: Mapping[str, np.ndarray],
     draws: Mapping[str, np.ndarray],
     finite_supports: Mapping[str, np.ndarray] | None = None,
+    data: Sequence[np.ndarray] = (),
+    cache_key: Any = None,
 ) -> Poly | np.ndarray:
-    """The multilinear form of ``log_density(**sites)`` (a scalar function of named site values).
+    """The multilinear form of ``log_density(data, sites)`` (a scalar function of the data
+    arrays and of named site values).
 
     ``sites`` gives each site's value (for shapes and tracing), ``draws`` M random values of each
     site in its support (for site-dependent support checks), ``finite_supports`` the values of
-    the discrete sites that may index arrays.
+    the discrete sites that may index arrays. The jaxpr is traced with the data as inputs and
+    kept under ``cache_key`` (when given), so new data of the same shapes skips the tracing; a
+    log density that branches on data values in Python is traced with the data as constants.
     """
     names = list(sites)
-    closed = jax.make_jaxpr(lambda *vals: log_density(dict(zip(names, vals, strict=True))))(
-        *[jnp.asarray(sites[n]) for n in names])
+    values = [jnp.asarray(sites[n]) for n in names]
+    data = [np.asarray(a) for a in data]
+    closed = _JAXPRS.get(cache_key) if cache_key is not None else None
+    if closed is None:
+        try:
+            closed = jax.make_jaxpr(lambda d, *vals: log_density(
+                d, dict(zip(names, vals, strict=True))))(data, *values)
+        except jax.errors.JAXTypeError:  # Python control flow on data values
+            cache_key = None
+            closed = jax.make_jaxpr(lambda *vals: log_density(
+                data, dict(zip(names, vals, strict=True))))(*values)
+            data = []
+        if cache_key is not None:
+            if len(_JAXPRS) >= MAX_CACHED_JAXPRS:
+                _JAXPRS.pop(next(iter(_JAXPRS)))
+            _JAXPRS[cache_key] = closed
     inputs = [Poly.site(n, tuple(np.shape(sites[n]))) for n in names]
-    (out,) = Interpreter(draws, finite_supports).run(closed, inputs)
+    (out,) = Interpreter(draws, finite_supports).run(closed, [*data, *inputs])
     return out.expand() if isinstance(out, Switch) else out
+
+
+# traced log densities by the caller's key (model, argument structure and shapes), oldest first
+_JAXPRS: dict[Any, jcore.ClosedJaxpr] = {}
+MAX_CACHED_JAXPRS = 64
