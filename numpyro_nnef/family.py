@@ -68,7 +68,8 @@ class ExponentialFamily:
       name, event_shape, support (a numpyro constraint), natural_constraint (a NaturalDomain).
     Subclasses with a closed-form log-partition set ``has_closed_form = True`` and implement
     ``closed_form_log_partition(eta)`` for one flat eta (``ExactOracle`` uses it), and may
-    implement ``closed_form_mean(eta)`` (= grad A, a smaller program than autodiff),
+    implement ``closed_form_mean(eta)`` (= grad A, a smaller program than autodiff) and
+    ``closed_form_mean_and_log_partition(eta)`` (both from one computation),
     ``closed_form_natural_from_mean(mu)`` and ``sample_exact(key, eta, sample_shape)``.
     """
 

@@ -118,6 +118,16 @@ def test_lasso_fixed_point_and_monotone_elbo(lasso_data):
     expected = np.stack([e_tau * (Xty - off), -0.5 * e_tau * np.diag(G), -np.ones(4)], -1)
     np.testing.assert_allclose(np.asarray(result.params["w_eta"]), expected, rtol=1e-6,
                                atol=1e-8)
+    # the reported ELBO against an independent Monte Carlo estimate E_q[log p - log q], with
+    # log p from NumPyro's log density and log q from the guide's distributions
+    draws = guide.sample_posterior(jax.random.key(5), result.params, sample_shape=(20000,))
+    log_q = sum(guide.distribution(n, result.params[f"{n}_eta"]).log_prob(draws[n]).reshape(
+        20000, -1).sum(-1) for n in draws)
+    log_p = jax.vmap(lambda d: log_density(lasso, (X, y), {}, d)[0])(draws)
+    ratio = np.asarray(log_p - log_q)
+    standard_error = ratio.std() / np.sqrt(ratio.size)
+    assert abs(result.elbo[-1] - ratio.mean()) < 4 * standard_error, (
+        result.elbo[-1], ratio.mean(), standard_error)
 
 
 def test_guide_works_with_predictive(ng_data):

@@ -122,13 +122,19 @@ class GaussLaplace(ExponentialFamily):
     def closed_form_mean(self, eta: Array) -> Array:
         """E[T] from the two half lines y = |x| >= 0, weighted by p_+- = exp(A_+- - A):
         E x = p+ E+ y - p- E- y, E x^2 = p+ E+ y^2 + p- E- y^2, E|x| = p+ E+ y + p- E- y."""
+        return self.closed_form_mean_and_log_partition(eta)[0]
+
+    def closed_form_mean_and_log_partition(self, eta: Array) -> tuple[Array, Array]:
+        """(E[T], A(eta)): A = logaddexp(A_+, A_-) comes with the half-line weights."""
         e1, e2, e3 = eta[0], eta[1], eta[2]
         linear = jnp.stack([e3 + e1, e3 - e1])
         halves = rectified_gaussian_log_partition(linear, e2)
-        weights = jnp.exp(halves - logsumexp(halves))
+        log_z = logsumexp(halves)
+        weights = jnp.exp(halves - log_z)
         first, second = rectified_gaussian_moments(linear, e2)
-        return jnp.stack([weights[0] * first[0] - weights[1] * first[1], weights @ second,
+        mean = jnp.stack([weights[0] * first[0] - weights[1] * first[1], weights @ second,
                           weights @ first])
+        return mean, log_z
 
     def natural_init_from_mean(self, mu: Array) -> Array:
         """Newton's start for mu -> eta: the moment-matched Gaussian, eta3 = 0."""

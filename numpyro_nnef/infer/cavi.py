@@ -30,12 +30,14 @@ __all__ = ["CAVIGuide", "CAVI", "CAVIState", "CAVIResult"]
 
 class CAVIState(NamedTuple):
     """mu: each site's expected statistics (batch..., num_stats); eta, mean: its family's
-    natural parameter and E[T] (batch..., stat_dim); elbo: after the last sweep; ok: False once a
-    complete conditional left its family's natural domain."""
+    natural parameter and E[T] (batch..., stat_dim); log_partition: A(eta) (batch...); elbo:
+    after the last sweep; ok: False once a complete conditional left its family's natural
+    domain."""
 
     mu: dict[str, Array]
     eta: dict[str, Array]
     mean: dict[str, Array]
+    log_partition: dict[str, Array]
     elbo: Array
     ok: dict[str, Array]
 
@@ -137,7 +139,7 @@ class CAVI:
         """Analyse the model and start every factor at the statistics of one random point of
         its support (point masses; the first sweep replaces them in model order)."""
         cm = self.guide.analyse(*args, key=rng_key, **kwargs)
-        mu, eta, mean, ok = {}, {}, {}, {}
+        mu, eta, mean, log_z, ok = {}, {}, {}, {}, {}
         for name, site in cm.sites.items():
             x = np.asarray(cm.initial_values[name]).reshape((-1, *site.element_shape))
             # numpy until the first compiled sweep (eager jnp calls would each compile)
@@ -145,13 +147,14 @@ class CAVI:
             d = cm.families[name].family.stat_dim
             eta[name] = np.zeros((*site.batch_shape, d))
             mean[name] = np.zeros((*site.batch_shape, d))
+            log_z[name] = np.zeros(site.batch_shape)
             ok[name] = np.asarray(True)
         key = (cm.signature(), self.damping)
         if key not in _PROGRAMS:
             _PROGRAMS[key] = _Program(self._make_sweep(cm), partial(self._elbo, cm))
         self._program = _PROGRAMS[key]
         self._data = [np.asarray(a) for a in cm.data()]
-        return CAVIState(mu, eta, mean, np.asarray(-np.inf), ok)
+        return CAVIState(mu, eta, mean, log_z, np.asarray(-np.inf), ok)
 
     def _make_sweep(self, cm: ConjugateModel) -> Callable[[list[Array], CAVIState], CAVIState]:
         """The sweep over all sites, a pure function of (data, state) for this structure."""
@@ -170,11 +173,13 @@ class CAVI:
             fam = cm.families[name]
             ok = jnp.all(fam.family.in_domain(eta))
             safe = jnp.where(ok, eta, jnp.asarray(fam.oracle.default_init(), eta.dtype))
-            mean = fam.oracle.mean(safe)
+            mean, log_z = fam.oracle.mean_and_log_partition(safe)
             return state._replace(
                 mu={**state.mu, name: state.mu[name].at[idx].set(fam.site_stats(mean))},
                 eta={**state.eta, name: state.eta[name].at[idx].set(eta)},
                 mean={**state.mean, name: state.mean[name].at[idx].set(mean)},
+                log_partition={**state.log_partition,
+                               name: state.log_partition[name].at[idx].set(log_z)},
                 ok={**state.ok, name: state.ok[name] & ok})
 
         def sweep(data: list[Array], state: CAVIState) -> CAVIState:
@@ -196,10 +201,11 @@ class CAVI:
 
     @staticmethod
     def _elbo(cm: ConjugateModel, data: list[Array], state: CAVIState) -> Array:
+        """E_q[log p] + sum over factors of the entropy A(eta) - eta . E[T]."""
         total = cm.expected_log_joint(state.mu, data)
-        for name, fam in cm.families.items():
+        for name in cm.families:
             eta, mean = state.eta[name], state.mean[name]
-            total = total + jnp.sum(fam.oracle.log_partition(eta) - jnp.sum(eta * mean, -1))
+            total = total + jnp.sum(state.log_partition[name] - jnp.sum(eta * mean, -1))
         return total
 
     def update(self, state: CAVIState) -> tuple[CAVIState, Array]:

@@ -47,6 +47,10 @@ class Oracle:
     def covariance_single(self, eta: Array) -> Array:
         return jax.jacfwd(self.mean_single)(eta)
 
+    def mean_and_log_partition_single(self, eta: Array) -> tuple[Array, Array]:
+        """(E[T | eta], A(eta)); oracles that compute both together override it."""
+        return self.mean_single(eta), self.log_partition_single(eta)
+
     # ---------------------------------------------------------------- batched
     def log_partition(self, eta: Array) -> Array:
         """A(eta) = log int h(x) exp(eta . T(x)) dx; shape ``batch``."""
@@ -55,6 +59,10 @@ class Oracle:
     def mean(self, eta: Array) -> Array:
         """E[T(x) | eta] = grad A(eta); shape ``batch + (stat_dim,)``."""
         return self._batched("mean_single", eta)
+
+    def mean_and_log_partition(self, eta: Array) -> tuple[Array, Array]:
+        """(E[T | eta], A(eta)) in one call (CAVI needs both for every updated factor)."""
+        return self._batched("mean_and_log_partition_single", eta)
 
     def covariance(self, eta: Array) -> Array:
         """Cov[T(x) | eta] = Hessian A(eta); shape ``batch + (stat_dim, stat_dim)``."""

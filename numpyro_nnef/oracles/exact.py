@@ -26,6 +26,8 @@ class ExactOracle(Oracle):
         # than the gradient of A
         mean = getattr(family, "closed_form_mean", None)
         self._mean = None if mean is None else jax.jit(mean)
+        joint = getattr(family, "closed_form_mean_and_log_partition", None)
+        self._joint = None if joint is None else jax.jit(joint)
         closed = getattr(family, "closed_form_natural_from_mean", None)
         self._natural_from_mean = None if closed is None else jax.jit(closed)
 
@@ -36,6 +38,12 @@ class ExactOracle(Oracle):
     def mean_single(self, eta: Array) -> Array:
         """E[T] = grad A(eta), in closed form when the family has one."""
         return super().mean_single(eta) if self._mean is None else self._mean(eta)
+
+    def mean_and_log_partition_single(self, eta: Array) -> tuple[Array, Array]:
+        """(E[T], A(eta)), from one closed-form computation when the family has one."""
+        if self._joint is None:
+            return super().mean_and_log_partition_single(eta)
+        return self._joint(eta)
 
     def natural_from_mean_single(self, mu: Array, init: Array, max_steps: int = 100,
                                  tol: float = 1e-9) -> tuple[Array, Array]:
