@@ -14,6 +14,7 @@ from .oracles import (
     estimate_log_partition,
     load_oracle,
 )
+from .samplers import FlowSampler, importance_dataset, load_flow_sampler, train_flow_sampler
 from .sampling import generate_dataset, run_nuts, sample_etas, sample_family
 from .training import TrainingReport, train_oracle
 
@@ -28,6 +29,7 @@ __all__ = [
     "ExactOracle",
     "ExpectationDataset",
     "ExponentialFamily",
+    "FlowSampler",
     "LogPartitionEstimate",
     "NaturalDomain",
     "NeuralOracle",
@@ -38,10 +40,13 @@ __all__ = [
     "estimate_log_partition",
     "families",
     "generate_dataset",
+    "importance_dataset",
+    "load_flow_sampler",
     "load_oracle",
     "run_nuts",
     "sample_etas",
     "sample_family",
+    "train_flow_sampler",
     "train_oracle",
     "whole_space",
     "__version__",

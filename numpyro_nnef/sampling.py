@@ -72,7 +72,7 @@ class NUTSDraws(NamedTuple):
     x: Array | None = None
 
 
-def _support_transform(family: ExponentialFamily):
+def support_transform(family: ExponentialFamily):
     """``biject_to(family.support)``; ValueError naming the family for a discrete support."""
     if getattr(family.support, "is_discrete", False):
         raise ValueError(
@@ -92,7 +92,7 @@ def unconstrained_log_density(family: ExponentialFamily, eta: Array
     Where f(u) rounds onto the edge of a bounded support (|u| large in float arithmetic) the
     value can be NaN or +inf; it is mapped to -inf so that chains are never drawn there.
     """
-    transform = _support_transform(family)
+    transform = support_transform(family)
 
     def logdensity(u):
         x = transform(u)
@@ -104,12 +104,12 @@ def unconstrained_log_density(family: ExponentialFamily, eta: Array
 
 
 def _unconstrained_shape(family: ExponentialFamily) -> tuple[int, ...]:
-    return tuple(_support_transform(family).inverse_shape(family.event_shape))
+    return tuple(support_transform(family).inverse_shape(family.event_shape))
 
 
 def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_rate, return_x):
     """(key, eta) -> per-eta outputs of ``num_chains`` independent adapted NUTS chains."""
-    transform = _support_transform(family)
+    transform = support_transform(family)
     u_shape = _unconstrained_shape(family)
 
     def one_eta(key, eta):
@@ -205,7 +205,7 @@ def _check_settings(num_chains, num_warmup, num_samples):
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
-def _as_key(key) -> Array:
+def as_key(key) -> Array:
     """A typed jax.random key (legacy uint32 keys are wrapped)."""
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -252,7 +252,7 @@ def run_nuts(
     ``statistics`` of shape ``batch + (num_chains, num_samples, stat_dim)``.
     """
     etas = family.validate_natural(_float_etas(family, etas))
-    key = _as_key(key)
+    key = as_key(key)
     batch = etas.shape[:-1]
     flat = etas.reshape((-1, family.stat_dim))
     n = flat.shape[0]
@@ -282,7 +282,7 @@ def sample_family(
     ``jax.jit`` (eta and key may be traced).
     """
     eta = family.validate_natural(_float_etas(family, eta))
-    key = _as_key(key)
+    key = as_key(key)
     sample_shape = tuple(int(s) for s in sample_shape)
     batch = eta.shape[:-1]
     flat = eta.reshape((-1, family.stat_dim))
@@ -414,7 +414,7 @@ def sample_etas(
                 f"{corners[~inside][0].tolist()} is outside"
             )
 
-    u = np.asarray(jax.random.uniform(_as_key(key), (num, dim), dtype=jnp.float32))
+    u = np.asarray(jax.random.uniform(as_key(key), (num, dim), dtype=jnp.float32))
     u = u.astype(np.float64)
     sign = np.where(high < 0, -1.0, 1.0)
     with np.errstate(divide="ignore"):
@@ -441,7 +441,7 @@ _CHUNK_ARRAYS = ("mean", "cov", "ess_bulk", "ess_tail", "rhat", "mcse", "diverge
                  "num_samples", "retries", "passed")
 
 
-def _package_version() -> str:
+def package_version() -> str:
     try:
         from importlib.metadata import version
 
@@ -549,7 +549,7 @@ def generate_dataset(
     finished chunk is written atomically and a rerun with the same arguments resumes from
     them. ``callback(chunk_index, points_done, num_points)`` is called after each chunk.
     """
-    key = _as_key(key)
+    key = as_key(key)
     _check_settings(num_chains, num_warmup, num_samples)
     for name, value, least in (("chunk_size", chunk_size, 1), ("max_retries", max_retries, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
@@ -560,7 +560,7 @@ def generate_dataset(
             f"{family.name}: etas must have shape (N, {family.stat_dim}) with N >= 1 "
             f"(statistics {family.stat_labels}), got {etas_np.shape}"
         )
-    _support_transform(family)  # a discrete support: a clear error before any work
+    support_transform(family)  # a discrete support: a clear error before any work
     family.validate_natural(jnp.asarray(etas_np))
     family.check_statistics(jax.random.fold_in(key, 1))
 
@@ -659,7 +659,7 @@ def generate_dataset(
     metadata = {
         "sampler": settings,
         "key": key_info,
-        "package_version": _package_version(),
+        "package_version": package_version(),
         "family": family.describe(),
         "versions": {"jax": jax.__version__, "blackjax": blackjax.__version__,
                      "numpy": np.__version__},

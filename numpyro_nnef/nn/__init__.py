@@ -1,4 +1,5 @@
-"""Network architectures (Flax NNX) for neural expectation oracles: eta -> E[T | eta]."""
+"""Network architectures (Flax NNX): neural expectation oracles eta -> E[T | eta] and
+conditional normalizing flows x | eta (``bijections``)."""
 
 from numpyro_nnef.nn.architectures import (
     ARCHITECTURES,
@@ -19,6 +20,11 @@ from numpyro_nnef.nn.architectures import (
     build_network,
 )
 from numpyro_nnef.nn.base import ACTIVATIONS, ConfiguredModule
+from numpyro_nnef.nn.bijections import (
+    FLOW_SAMPLER_ARCHITECTURES,
+    ConditionalFlow,
+    build_conditional_flow,
+)
 from numpyro_nnef.nn.flows import (
     FLOW_ARCHITECTURES,
     FlowField,
@@ -29,6 +35,7 @@ from numpyro_nnef.nn.flows import (
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
+    "ConditionalFlow",
     "ConfiguredModule",
     "GLU",
     "MLP",
@@ -46,7 +53,9 @@ __all__ = [
     "QuadraticLayer",
     "build_network",
     "FLOW_ARCHITECTURES",
+    "FLOW_SAMPLER_ARCHITECTURES",
     "FlowField",
+    "build_conditional_flow",
     "build_flow_field",
     "time_embedding",
 ]
