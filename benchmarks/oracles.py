@@ -18,10 +18,12 @@ in the dataset's metadata). Every protocol x architecture pair is trained on it 
   of 5 runs), against the NUTS cost per dataset point (generation wall time / N): goal >= 10^4.
 
 Results are cached per (family, protocol, architecture, settings) in the JSON file, written
-atomically after every pair, so an interrupted run resumes where it stopped.
+atomically after every pair, so an interrupted run resumes where it stopped; ``--rerun`` runs the
+selected pairs again (after a code change) and replaces their cached rows. The markdown report
+shows the selected families and pairs: regenerate it with no selection after a partial run.
 
     python benchmarks/oracles.py [--families ...] [--protocols ...] [--architectures ...]
-                                 [--max-epochs N] [--quick]
+                                 [--max-epochs N] [--quick] [--rerun]
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ import numpy as np
 
 from numpyro_nnef import ExactOracle, ExpectationDataset, families, generate_dataset, sample_etas
 from numpyro_nnef.nn import ARCHITECTURES, FLOW_ARCHITECTURES
+from numpyro_nnef.oracles.neural import NEAREST_ANCHORS
 from numpyro_nnef.training import PROTOCOLS, train_oracle, usable_points
+from numpyro_nnef.training.trainer import DEFAULT_NUM_ANCHORS
 
 jax.config.update("jax_enable_x64", True)
 
@@ -197,15 +201,17 @@ def run_combo(label: str, dataset: ExpectationDataset, protocol: str, architectu
             cov_exact, axis=(1, 2))
     logz_err = np.abs(np.asarray(oracle.log_partition(eta)) - np.asarray(exact.log_partition(eta)))
     eval_s = eval_seconds_per_eta(oracle, oracle.eta_low, oracle.eta_high, k_eval)
-    anchor = oracle.anchor
+    anchors = oracle.anchors
+    khats = [a.khat for a in anchors if a.khat is not None]
     return {
         "family": label, "protocol": protocol, "architecture": architecture,
         "num_test": len(test), "rmse": rmse, "nrmse": nrmse, "data_rmse": data_rmse,
         "data_nrmse": data_nrmse, "ratio": nrmse / data_nrmse,
         "max_rel_err": float(rel.max()), "cov_rel_err": float(np.median(cov_rel)),
         "logz_max_err": float(logz_err.max()),
-        "anchor": None if anchor is None else {"method": anchor.method, "stderr": anchor.stderr,
-                                               "khat": anchor.khat},
+        "anchors": {"count": len(anchors), "method": anchors[0].method if anchors else None,
+                    "max_stderr": max((a.stderr for a in anchors), default=None),
+                    "max_khat": max(khats, default=None)},
         "train_s": report.wall_time_s, "best_epoch": report.best_epoch,
         "last_epoch": int(report.history["epoch"][-1]), "stopped_early": report.stopped_early,
         "eval_s_per_eta": eval_s,
@@ -256,6 +262,12 @@ def ratio_of(row: dict) -> float:
     return value if np.isfinite(value) else np.inf
 
 
+def single_anchor(row: dict) -> str:
+    """"*" for a row run before multi-anchor log-partitions (it records "anchor", not
+    "anchors"), else ""."""
+    return "" if "anchors" in row else "*"
+
+
 def family_table(rows: list[dict], nuts_s: float) -> list[str]:
     lines = [
         "| protocol | architecture | nRMSE | data nRMSE | ratio | max rel. err | Cov rel. err | "
@@ -271,7 +283,8 @@ def family_table(rows: list[dict], nuts_s: float) -> list[str]:
         lines.append(
             f"| {r['protocol']} | {r['architecture']} | {nrmse} | "
             f"{fmt(r['data_nrmse'])} | {fmt(r['ratio'])} | {fmt(r['max_rel_err'])} | "
-            f"{fmt(r['cov_rel_err'])} | {fmt(r['logz_max_err'])} | {r['train_s']:.1f} | "
+            f"{fmt(r['cov_rel_err'])} | {fmt(r['logz_max_err'])}{single_anchor(r)} | "
+            f"{r['train_s']:.1f} | "
             f"{r['best_epoch']}/{r['last_epoch']} | {r['eval_s_per_eta'] * 1e6:.3g} | "
             f"{nuts_s / r['eval_s_per_eta']:.2g} |"
         )
@@ -354,9 +367,12 @@ def markdown(results: dict, config: dict, datasets: dict, labels: list[str], ela
         f"dataset's Cov[T]). Flow protocols (fm, ct, df): max_epochs {flow['max_epochs']}, "
         f"patience {flow['patience']}, Sobolev weight {flow['sobolev_weight']} (the Jacobian "
         "through the ODE solve makes the Sobolev term too slow for this budget). Log-partition "
-        "anchor: `anchor=\"auto\"` (quadrature for scalar x, importance sampling for the 2-d "
-        "families); A(eta) of non-gradient models is continued from the anchor by a 24-point "
-        "path quadrature of the predicted mean.",
+        "anchors: `anchor=\"auto\"` with the default `num_anchors` "
+        f"({DEFAULT_NUM_ANCHORS['quadrature']} training eta by quadrature for scalar x, "
+        f"{DEFAULT_NUM_ANCHORS['importance']} by importance sampling for the 2-d families); "
+        f"A(eta) blends the continuations from the {NEAREST_ANCHORS} nearest anchors (a "
+        "24-point path quadrature of the predicted mean, or the learned A of the gradient "
+        "networks).",
         "",
         "Definitions (E[T]_exact from `ExactOracle`): nRMSE = sqrt(mean_j (RMSE_j / sd_j)^2) "
         "with RMSE_j the RMSE of statistic j over the test eta and sd_j the standard deviation "
@@ -365,7 +381,8 @@ def markdown(results: dict, config: dict, datasets: dict, labels: list[str], ela
         "max |error| / max(|E[T_j]|, sd_j). Cov rel. err = median ||Cov_net - Cov||_F / ||Cov||_F."
         " (regression only: compiling the Jacobian through a flow's ODE solve for every flow pair "
         "did not fit the time budget). abs dA max = max |A_net - A| (goal < 0.01 on scalar-x "
-        "families). eval = oracle.mean "
+        "families; * marks rows cached from before multi-anchor log-partitions: one anchor at "
+        "the central training eta). eval = oracle.mean "
         f"on a batch of {EVAL_BATCH} eta in the training box, median of {EVAL_REPEATS} runs "
         f"after a warm-up call (fewer once they add up to {EVAL_SECONDS:g} s), per eta. "
         "NUTS s/eta = the dataset's generation wall time "
@@ -411,9 +428,10 @@ def markdown(results: dict, config: dict, datasets: dict, labels: list[str], ela
         logz_pass = best["logz_max_err"] < GOAL_LOGZ
         speedup = nuts_s / best["eval_s_per_eta"]
         speed_pass = speedup >= GOAL_SPEEDUP
-        logz_cell = (f"{'PASS' if logz_pass else 'MISS'} ({fmt(best['logz_max_err'])}; best "
-                     f"of any pair {fmt(best_logz)})" if scalar
-                     else f"n/a ({fmt(best['logz_max_err'])})")
+        logz_cell = (f"{'PASS' if logz_pass else 'MISS'} ({fmt(best['logz_max_err'])}"
+                     f"{single_anchor(best)}; best of any pair {fmt(best_logz)}"
+                     f"{single_anchor(best_logz_row)})" if scalar
+                     else f"n/a ({fmt(best['logz_max_err'])}{single_anchor(best)})")
         summary.append(
             f"| {label} | {best['protocol']}/{best['architecture']} | {fmt(best['nrmse'])} | "
             f"{fmt(best['data_nrmse'])} | {'PASS' if ratio_pass else 'MISS'} "
@@ -476,6 +494,8 @@ def main() -> None:
     parser.add_argument("--data-only", action="store_true",
                         help="only generate (or check) the cached datasets")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rerun", action="store_true",
+                        help="run the selected pairs even if cached (replacing their rows)")
     parser.add_argument("--note", default="", help="a sentence added to the report's header")
     parser.add_argument("--output", default=None, help="output stem (.md and .json are added)")
     args = parser.parse_args()
@@ -503,12 +523,12 @@ def main() -> None:
             settings = settings_for(protocol, config)
             key = result_key(label, protocol, architecture, settings, datasets[label])
             wanted[key] = (label, protocol, architecture, settings)
-    todo = [k for k in wanted if k not in results]
+    todo = [k for k in wanted if args.rerun or k not in results]
     print(f"[oracles] {len(wanted)} pairs, {len(wanted) - len(todo)} cached, {len(todo)} to run",
           flush=True)
     for i, key in enumerate(todo):
         label, protocol, architecture, settings = wanted[key]
-        if key in read_results(json_path):  # done meanwhile by a run on other families
+        if not args.rerun and key in read_results(json_path):  # done meanwhile by another run
             continue
         t0 = time.perf_counter()
         try:

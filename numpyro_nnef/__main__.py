@@ -82,7 +82,8 @@ _TRAIN_KEYS: dict[str, type] = {
     "architecture": str, "protocol": str, "hyperparameters": dict, "protocol_options": dict,
     "learning_rate": float, "batch_size": int, "max_epochs": int, "patience": int,
     "eval_every": int, "weighting": str, "sobolev_weight": float, "fractions": list,
-    "split_seed": int, "drop_failed": bool, "anchor": str, "anchor_options": dict,
+    "split_seed": int, "drop_failed": bool, "anchor": str, "num_anchors": int,
+    "anchor_options": dict,
     "out_of_range": str, "seed": int, "output_dir": str,
 }
 _TRAIN_CHOICES: dict[str, tuple[str, ...]] = {
@@ -233,7 +234,7 @@ def _train_table(raw: dict) -> dict[str, Any]:
         v = _typed(v, _TRAIN_KEYS[k], where)
         if k in _TRAIN_CHOICES and v not in _TRAIN_CHOICES[k]:
             raise ConfigError(f"{where} must be one of {list(_TRAIN_CHOICES[k])}, got {v!r}")
-        if k in ("batch_size", "max_epochs", "patience", "eval_every") and v < 1:
+        if k in ("batch_size", "max_epochs", "patience", "eval_every", "num_anchors") and v < 1:
             raise ConfigError(f"{where} must be >= 1, got {v}")
         if k in ("seed", "split_seed") and v < 0:
             raise ConfigError(f"{where} must be >= 0, got {v}")
@@ -250,9 +251,10 @@ def parse_train_config(raw: dict[str, Any]) -> dict[str, Any]:
     Keys: ``[train]`` with ``train_oracle``'s keyword arguments (architecture, protocol,
     hyperparameters and protocol_options (tables), learning_rate, batch_size, max_epochs,
     patience, eval_every, weighting, sobolev_weight, fractions, split_seed, drop_failed, anchor
-    ("none": no anchor), anchor_options, out_of_range, output_dir) plus ``seed`` (default: the
-    top-level seed); optional ``[family]`` (needed for a user family); top level ``output`` (the
-    dataset path written by ``generate``), ``seed`` and ``x64``. Other sections are ignored.
+    ("none": no anchor), num_anchors, anchor_options, out_of_range, output_dir) plus ``seed``
+    (default: the top-level seed); optional ``[family]`` (needed for a user family); top level
+    ``output`` (the dataset path written by ``generate``), ``seed`` and ``x64``. Other sections
+    are ignored.
     """
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
@@ -495,19 +497,21 @@ def _run_train(config: dict[str, Any], *, dataset_path: str | os.PathLike,
 
 
 def training_summary(oracle, output_dir: str | os.PathLike) -> str:
-    """Best epoch, validation and test errors, excluded points, the log-partition anchor and
+    """Best epoch, validation and test errors, excluded points, the log-partition anchors and
     the files written, as text."""
-    report, anchor = oracle.report, oracle.anchor
+    report, anchors = oracle.report, oracle.anchors
     excluded = {k: v for k, v in report.excluded.items() if v}
     test = ", ".join(f"{s} {r:.4g}" for s, r in zip(oracle.family.stat_labels, report.test_rmse,
                                                      strict=True))
-    if anchor is None:
+    if not anchors:
         anchor_line = "log-partition anchor: none (A(eta) known up to a constant)"
     else:
-        khat = "n/a" if anchor.khat is None else f"{anchor.khat:.3f}"
-        anchor_line = (f"log-partition anchor: A = {anchor.value:.6g} +- {anchor.stderr:.2g} at "
-                       f"eta_ref {[round(e, 4) for e in anchor.eta]} ({anchor.method}, "
-                       f"k-hat {khat})")
+        khats = [a.khat for a in anchors if a.khat is not None]
+        khat = f"{max(khats):.3f}" if khats else "n/a"
+        values = [a.value for a in anchors]
+        anchor_line = (f"log-partition anchors: {len(anchors)} training eta ({anchors[0].method}), "
+                       f"A from {min(values):.6g} to {max(values):.6g}, max stderr "
+                       f"{max(a.stderr for a in anchors):.2g}, max k-hat {khat}")
     out = Path(output_dir)
     epochs = int(report.history["epoch"][-1]) if len(report.history["epoch"]) else 0
     return "\n".join([
@@ -639,12 +643,12 @@ def evaluation_table(oracle, dataset=None) -> str:
     if exact is not None:
         lines.append(f"max rel. error: max over the points of |mu_hat - mu| / max(|mu|, sd(T)), "
                      f"mu and sd(T) from the {label} oracle")
-    if exact is not None and oracle.anchor is not None:
+    if exact is not None and oracle.anchors:
         error = np.abs(np.asarray(oracle.log_partition(jnp.asarray(eta)))
                        - np.asarray(reference.log_partition(jnp.asarray(eta))))
         lines.append(f"log-partition: max |A error| vs {label} {np.max(error):.3g} "
-                     f"(anchor: {oracle.anchor.method})")
-    elif oracle.anchor is None:
+                     f"({len(oracle.anchors)} {oracle.anchors[0].method} anchors)")
+    elif not oracle.anchors:
         lines.append("log-partition: no anchor (known up to a constant)")
     batch = jnp.asarray(np.resize(eta, (EVAL_BATCH, eta.shape[1])))
     mean = jax.jit(jax.vmap(oracle.mean_single))

@@ -15,6 +15,8 @@ from numpyro_nnef.oracles.anchor import (
     LogPartitionEstimate,
     _summarise_log_weights,
     estimate_log_partition,
+    estimate_log_partitions,
+    resolve_method,
 )
 
 # Small NUTS runs (the sampler's compilation dominates the cost); the proposal draws are cheap.
@@ -79,6 +81,27 @@ def test_importance_is_reproducible_and_auto_selects_it(importance):
     assert again == importance["mvn"][0]
     other = estimate_log_partition(family, eta, key=jax.random.key(2), **NUTS)
     assert other.value != again.value
+
+
+def test_batched_estimates(importance, key):
+    gamma = Gamma()
+    etas = jnp.array([[1.5, -2.0], [0.2, -0.7], [6.0, -4.0]])
+    batch = estimate_log_partitions(gamma, etas, key=key)  # one compiled quadrature
+    exact = np.asarray(ExactOracle(gamma).log_partition(etas))
+    assert [e.eta for e in batch] == [tuple(eta) for eta in etas.tolist()]
+    assert {e.method for e in batch} == {"quadrature"} and {e.stderr for e in batch} == {0.0}
+    np.testing.assert_allclose([e.value for e in batch], exact, rtol=0, atol=1e-8)
+    # importance sampling: one run per eta with keys split from the key (the sampler compiled by
+    # the fixture is reused)
+    family, eta = _mvn()
+    pair = estimate_log_partitions(family, jnp.stack([eta, eta]), key=jax.random.key(1), **NUTS)
+    keys = jax.random.split(jax.random.key(1), 2)
+    assert pair[1] == estimate_log_partition(family, eta, key=keys[1], **NUTS)
+    assert pair[0].value != pair[1].value
+    assert resolve_method(gamma, "auto") == "quadrature"
+    assert resolve_method(family, "auto") == "importance"
+    with pytest.raises(ValueError, match=r"shape \(n, 2\)"):
+        estimate_log_partitions(gamma, etas[0], key=key)
 
 
 def test_log_weight_summary_matches_direct_formulas():

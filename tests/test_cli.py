@@ -291,9 +291,10 @@ def test_train_writes_oracle_curves_and_summary(gaussian_file, trained):
     assert "training mlp/regression on" in text and "seed 5" in text
     assert "48 train / 6 validation / 6 test; excluded: none" in text
     assert re.search(r"best epoch \d+ of 20 run", text)
-    anchor = oracle.anchor
-    assert anchor.method == "quadrature"
-    assert f"A = {anchor.value:.6g} +- 0 at eta_ref" in text and "k-hat n/a" in text
+    values = [a.value for a in oracle.anchors]
+    assert len(values) == 32 and {a.method for a in oracle.anchors} == {"quadrature"}
+    assert (f"log-partition anchors: 32 training eta (quadrature), A from {min(values):.6g} to "
+            f"{max(values):.6g}, max stderr 0, max k-hat n/a") in text
     assert str(out / "learning_curves.png") in text
 
 
@@ -375,6 +376,7 @@ def _toml(tmp_path, text):
         (lambda t: t + "protocol_options = { steps = 3 }\n",
          r"protocol_options: unknown option\(s\) \['steps'\]"),
         (lambda t: t + 'anchor = "maybe"\n', r"\[train\] anchor must be one of"),
+        (lambda t: t + "num_anchors = 0\n", r"\[train\] num_anchors must be >= 1"),
         (lambda t: t + 'weighting = "heavy"\n', r"\[train\] weighting must be one of"),
         (lambda t: t + "fractions = [0.5, 0.5, 0.5]\n", r"\[train\] fractions must be three"),
         (lambda t: t + "drop_failed = 1\n", r"\[train\] drop_failed must be true or false"),

@@ -14,7 +14,8 @@ import pytest
 
 import numpyro_nnef as nnef
 from numpyro_nnef.families import Gamma, Gaussian, LaplaceProduct
-from numpyro_nnef.oracles.neural import load_oracle
+from numpyro_nnef.oracles.neural import NEAREST_ANCHORS, NeuralOracle, load_oracle
+from numpyro_nnef.training.trainer import DEFAULT_NUM_ANCHORS, farthest_points
 
 FAST = {"max_epochs": 400, "patience": 400, "eval_every": 50, "progress": False}
 
@@ -82,13 +83,55 @@ def test_learns_means_better_than_its_noisy_data(gaussian_data, mlp_oracle):
     assert oracle.report.best_epoch > 0
 
 
+def with_anchors(oracle, anchors):
+    """The same network and standardisation with other anchors."""
+    return NeuralOracle(oracle.family, oracle.protocol, oracle.architecture,
+                        oracle.hyperparameters, oracle.model, oracle.standardization,
+                        oracle.eta_low, oracle.eta_high, anchors=anchors)
+
+
 def test_log_partition_is_absolute(gaussian_data, mlp_oracle):
     family, data = gaussian_data
     oracle, _ = mlp_oracle
-    assert oracle.anchor.method == "quadrature"
-    etas = inside_etas(data)
-    exact = nnef.ExactOracle(family).log_partition(etas)
-    assert np.abs(np.asarray(oracle.log_partition(etas) - exact)).max() < 0.02
+    anchors = oracle.anchors
+    assert len(anchors) == DEFAULT_NUM_ANCHORS["quadrature"]
+    assert {a.method for a in anchors} == {"quadrature"}
+    # anchors are distinct training etas, the first the one nearest the centre
+    train = data.split((0.8, 0.1, 0.1), seed=0)[0]
+    s = (train.eta - oracle.standardization.eta_shift) / oracle.standardization.eta_scale
+    rows = {tuple(e) for e in train.eta.tolist()}
+    assert all(a.eta in rows for a in anchors) and len({a.eta for a in anchors}) == len(anchors)
+    assert anchors[0].eta == tuple(train.eta[np.argmin(np.sum(s**2, 1))])
+    etas = jnp.asarray(np.concatenate([inside_etas(data), train.eta]))
+    exact = np.asarray(nnef.ExactOracle(family).log_partition(etas))
+    blended = np.asarray(oracle.log_partition(etas))
+    assert np.abs(blended - exact).max() < 0.02
+    single = np.asarray(with_anchors(oracle, anchors[:1]).log_partition(etas))  # central anchor
+    assert np.abs(single - exact).max() < 0.02
+    # at an anchor the blend stays within the network's error of the anchor's own value
+    rows = [train.eta.tolist().index(list(a.eta)) + 40 for a in anchors]
+    assert np.abs(blended[rows] - [a.value for a in anchors]).max() < 0.005
+
+
+def test_anchor_weights_are_local_normalised_and_continuous(gaussian_data, mlp_oracle):
+    _, data = gaussian_data
+    oracle, _ = mlp_oracle
+    # a line across the training distribution, through many anchor neighbourhoods, in small steps
+    ends = Gaussian().natural_from_loc_scale(jnp.array([-0.85, 0.85]), jnp.array([0.85, 1.35]))
+    t = jnp.linspace(0.0, 1.0, 4001)[:, None]
+    line = ends[0] + t * (ends[1] - ends[0])
+    index, weights = jax.jit(jax.vmap(oracle.anchor_weights))(line)
+    assert index.shape == weights.shape == (4001, NEAREST_ANCHORS)
+    assert np.all(np.asarray(weights) >= 0)
+    np.testing.assert_allclose(np.asarray(weights).sum(1), 1.0, rtol=1e-12)
+    dense = np.zeros((4001, len(oracle.anchors)))
+    np.put_along_axis(dense, np.asarray(index), np.asarray(weights), axis=1)
+    assert len(np.unique(np.argmax(dense, 1))) >= 4  # the nearest anchor changes along the line
+    # no jumps: an anchor enters or leaves the nearest few with weight zero
+    assert np.abs(np.diff(dense, axis=0)).max() < 0.02
+    a_net = np.asarray(oracle.log_partition(line))
+    a_exact = np.asarray(nnef.ExactOracle(Gaussian()).log_partition(line))
+    assert np.abs(np.diff(a_net - a_exact)).max() < 1e-4
 
 
 def test_covariance_close_to_exact_and_symmetric(gaussian_data, mlp_oracle):
@@ -115,6 +158,7 @@ def test_save_load_identity(gaussian_data, mlp_oracle):
     _, data = gaussian_data
     oracle, out = mlp_oracle
     loaded = load_oracle(out)
+    assert len(loaded.anchors) > 1 and loaded.anchors == oracle.anchors
     etas = inside_etas(data, n=6)
     for method in ("mean", "covariance", "log_partition"):
         np.testing.assert_array_equal(np.asarray(getattr(loaded, method)(etas)),
@@ -132,6 +176,11 @@ def test_jit_and_vmap(gaussian_data, mlp_oracle):
     np.testing.assert_allclose(jax.vmap(oracle.mean)(etas), eager, rtol=1e-12)
     assert oracle.mean(etas[0]).shape == (2,)
     assert oracle.mean(etas.reshape(2, 2, 2)).shape == (2, 2, 2)
+    log_z = oracle.log_partition(etas)
+    np.testing.assert_allclose(jax.jit(jax.vmap(oracle.log_partition_single))(etas), log_z,
+                               rtol=1e-12)
+    grad = jax.jit(jax.grad(oracle.log_partition_single))(etas[0])
+    assert np.all(np.isfinite(np.asarray(grad)))
 
 
 def test_out_of_range_warns_errors_or_ignores(gaussian_data, mlp_oracle, tmp_path):
@@ -157,11 +206,44 @@ def test_wrong_eta_shape(mlp_oracle):
         oracle.mean(jnp.zeros(3))
 
 
+def test_version_1_directory_with_one_anchor_loads(gaussian_data, mlp_oracle, tmp_path):
+    _, data = gaussian_data
+    oracle, out = mlp_oracle
+    config = json.loads((out / "oracle.json").read_text())
+    old = {k: v for k, v in config.items() if k != "anchors"}
+    old |= {"version": 1, "anchor": config["anchors"][0]}
+    (tmp_path / "weights.npz").write_bytes((out / "weights.npz").read_bytes())
+    (tmp_path / "oracle.json").write_text(json.dumps(old))
+    loaded = load_oracle(tmp_path)
+    assert loaded.anchors == oracle.anchors[:1]
+    etas = inside_etas(data, n=6)
+    np.testing.assert_array_equal(np.asarray(loaded.log_partition(etas)),
+                                  np.asarray(with_anchors(oracle, oracle.anchors[:1])
+                                             .log_partition(etas)))
+    (tmp_path / "oracle.json").write_text(json.dumps({**old, "anchor": None}))
+    assert load_oracle(tmp_path).anchors == ()
+
+
+def test_farthest_points():
+    points = np.array([[0.0], [1.0], [2.0], [3.0], [10.0], [3.0]])
+    np.testing.assert_array_equal(farthest_points(points, 3, start=1), [1, 4, 3])
+    # stops once every row coincides with a chosen one (rows 3 and 5 are equal)
+    np.testing.assert_array_equal(np.sort(farthest_points(points, 10, start=0)), [0, 1, 2, 3, 4])
+
+
 def test_gradient_architecture_has_psd_covariance_and_learned_log_partition(gaussian_data):
     family, data = gaussian_data
     oracle = nnef.train_oracle(data, key=jax.random.key(4), architecture="logz_icnn",
                                hyperparameters={"hidden": (16, 16)}, **FAST)
     assert oracle.learned_log_partition
+    # A = A_net + sum_k w_k (A_k - A_net(eta_k)): the learned A shifted by a blended constant
+    eta = jnp.asarray(inside_etas(data, n=1)[0])
+    index, weights = jax.jit(oracle.anchor_weights)(eta)
+    a_net = jax.jit(jax.vmap(oracle._learned_log_partition))
+    residual = np.array([a.value for a in oracle.anchors]) - np.asarray(
+        a_net(jnp.asarray([a.eta for a in oracle.anchors])))
+    shift = np.asarray(weights) @ residual[np.asarray(index)]
+    np.testing.assert_allclose(oracle.log_partition(eta), a_net(eta[None])[0] + shift, rtol=1e-10)
     etas = jax.random.uniform(jax.random.key(9), (20, 2), minval=-3.0, maxval=3.0)
     etas = etas.at[:, 1].set(-jnp.abs(etas[:, 1]) - 0.1)
     cov = np.asarray(oracle.covariance(etas))
@@ -194,6 +276,8 @@ def test_dataset_from_another_family_is_refused(gaussian_data):
         nnef.train_oracle(data, key=jax.random.key(0), architecture="transformer", **FAST)
     with pytest.raises(ValueError, match="weighting"):
         nnef.train_oracle(data, key=jax.random.key(0), weighting="robust", **FAST)
+    with pytest.raises(ValueError, match="num_anchors"):
+        nnef.train_oracle(data, key=jax.random.key(0), num_anchors=0, **FAST)
 
 
 def test_incomplete_or_foreign_oracle_directory(mlp_oracle, tmp_path):

@@ -1,7 +1,7 @@
-"""Independent estimate of the absolute log-partition A(eta_ref) at one reference eta.
+"""Independent estimates of the absolute log-partition A(eta_k) at reference etas (anchors).
 
-A neural oracle learns A(eta) only up to an additive constant; one independent value A(eta_ref)
-pins it. For a scalar x the value comes from :class:`QuadratureOracle` (exact to quadrature
+A neural oracle learns A(eta) only up to an additive constant; independent values A(eta_k) pin
+it. For a scalar x the value comes from :class:`QuadratureOracle` (exact to quadrature
 precision). Otherwise it comes from importance sampling in unconstrained space u (x = f(u),
 f = ``biject_to(family.support)``):
 
@@ -17,6 +17,7 @@ import dataclasses
 import math
 import numbers
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,8 @@ from ..family import Array, ExponentialFamily
 from ..sampling import sample_family, unconstrained_log_density
 from .quadrature import QuadratureOracle
 
-__all__ = ["LogPartitionEstimate", "estimate_log_partition"]
+__all__ = ["LogPartitionEstimate", "estimate_log_partition", "estimate_log_partitions",
+           "resolve_method"]
 
 METHODS = ("auto", "quadrature", "importance")
 KHAT_THRESHOLD = 0.7
@@ -147,6 +149,38 @@ def _supports_quadrature(family: ExponentialFamily) -> bool:
     return True
 
 
+def resolve_method(family: ExponentialFamily, method: str) -> str:
+    """``method`` with "auto" resolved: "quadrature" where :class:`QuadratureOracle` supports the
+    family (scalar x), else "importance"."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if method != "auto":
+        return method
+    return "quadrature" if _supports_quadrature(family) else "importance"
+
+
+def _check_importance_options(num_samples: int, proposal_df: float) -> None:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or (
+            num_samples < 2):
+        raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+    if not proposal_df > 2:
+        raise ValueError(f"proposal_df must be > 2 (a Student-t with a covariance), got "
+                         f"{proposal_df!r}")
+
+
+def _quadrature(family: ExponentialFamily, etas: list[Array]) -> tuple[LogPartitionEstimate, ...]:
+    """A(eta) by :class:`QuadratureOracle` at every eta, in one batched (compiled once) call."""
+    values = np.asarray(QuadratureOracle(family).log_partition(jnp.stack(etas)), np.float64)
+    out = []
+    for eta, value in zip(etas, values, strict=True):
+        eta_tuple = tuple(float(e) for e in np.asarray(eta))
+        if not math.isfinite(value):
+            raise RuntimeError(f"{family.name}: quadrature gave A(eta) = {value} at eta = "
+                               f"{list(eta_tuple)}")
+        out.append(LogPartitionEstimate(float(value), 0.0, "quadrature", eta_tuple))
+    return tuple(out)
+
+
 def estimate_log_partition(
     family: ExponentialFamily,
     eta: Array,
@@ -168,26 +202,35 @@ def estimate_log_partition(
     (their mean, 1.2^2 times their covariance) and averages ``num_samples`` importance weights;
     a RuntimeWarning names a k-hat above 0.7.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    method = resolve_method(family, method)
     eta = _check_single_eta(family, eta)
-    eta_tuple = tuple(float(e) for e in np.asarray(eta))
-    if method == "auto":
-        method = "quadrature" if _supports_quadrature(family) else "importance"
     if method == "quadrature":
-        value = float(QuadratureOracle(family).log_partition_single(eta))
-        if not math.isfinite(value):
-            raise RuntimeError(f"{family.name}: quadrature gave A(eta) = {value} at eta = "
-                               f"{list(eta_tuple)}")
-        return LogPartitionEstimate(value, 0.0, "quadrature", eta_tuple)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or (
-            num_samples < 2):
-        raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
-    if not proposal_df > 2:
-        raise ValueError(f"proposal_df must be > 2 (a Student-t with a covariance), got "
-                         f"{proposal_df!r}")
+        return _quadrature(family, [eta])[0]
+    _check_importance_options(num_samples, proposal_df)
+    eta_tuple = tuple(float(e) for e in np.asarray(eta))
     return _importance(family, eta, eta_tuple, key, int(num_samples), num_chains, num_warmup,
                        num_nuts_draws, float(proposal_df))
+
+
+def estimate_log_partitions(
+    family: ExponentialFamily, etas: Array, *, key: Array, method: str = "auto", **options: Any
+) -> tuple[LogPartitionEstimate, ...]:
+    """A(eta) at every row of ``etas`` (shape (n, stat_dim)).
+
+    Quadrature evaluates all rows in one compiled batch (``options`` unused); importance sampling
+    runs ``estimate_log_partition(..., **options)`` per row, with keys split from ``key``.
+    """
+    method = resolve_method(family, method)
+    etas = jnp.asarray(etas)
+    if etas.ndim != 2 or etas.shape[0] < 1:
+        raise ValueError(f"{family.name}: estimate_log_partitions needs etas of shape "
+                         f"(n, {family.stat_dim}) with n >= 1, got {etas.shape}")
+    rows = [_check_single_eta(family, eta) for eta in etas]
+    if method == "quadrature":
+        return _quadrature(family, rows)
+    keys = jax.random.split(key, len(rows))
+    return tuple(estimate_log_partition(family, eta, key=k, method=method, **options)
+                 for eta, k in zip(rows, keys, strict=True))
 
 
 def _importance(family, eta, eta_tuple, key, num_samples, num_chains, num_warmup,

@@ -2,11 +2,21 @@
 
 The network works in standardised coordinates s = (eta - eta_shift) / eta_scale and predicts
 (E[T] - mean_shift) / mean_scale. Gradient networks (a learned A) use mean_scale = c / eta_scale
-so that E[T] = grad_eta [mean_shift . eta + c A_net(s)] holds exactly. The absolute log-partition
-is pinned at a reference eta_ref by an independent estimate A(eta_ref) (quadrature or importance
-sampling, see ``anchor.py``) and continued along the straight path eta_t from eta_ref to eta by
-A(eta) = A(eta_ref) + int_0^1 mu(eta_t).(eta - eta_ref) dt (thermodynamic integration), or by the
-learned A itself.
+so that E[T] = grad_eta [mean_shift . eta + c A_net(s)] holds exactly.
+
+The absolute log-partition is pinned at anchors eta_k, training etas with independent estimates
+A_k (quadrature or importance sampling, see ``anchor.py``), and blended:
+
+    A(eta) = sum_k w_k(eta) [A_k + D(eta, eta_k)],
+
+with D(eta, eta_k) = A_net(eta) - A_net(eta_k) for a learned A, else the path integral
+int_0^1 mu(eta_k + t (eta - eta_k)) . (eta - eta_k) dt (thermodynamic integration, 24-point
+Gauss-Legendre). The weights live on the NEAREST_ANCHORS nearest anchors in standardised
+coordinates s: with kernel values g_k = exp(-|s - s_k|^2 / h^2) sorted g_(1) >= g_(2) >= ...,
+w_k is proportional to max(g_k - g_(m+1), 0) (m = NEAREST_ANCHORS), so an anchor's weight falls
+to zero before it leaves the nearest m and A stays continuous in eta. The bandwidth h is
+BANDWIDTH_FACTOR times the median distance from an anchor to its nearest other anchor. The error
+of a continuation grows with its path length; nearby anchors keep the paths short.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import io
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +48,13 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "NeuralOracle", "Standardization", "load_oracle"]
 
 FORMAT_NAME = "numpyro_nnef.NeuralOracle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # version 1 stored one anchor under "anchor"; still read
 CONFIG_FILE = "oracle.json"
 WEIGHTS_FILE = "weights.npz"
 OUT_OF_RANGE = ("warn", "error", "ignore")
 PATH_QUADRATURE_ORDER = 24
+NEAREST_ANCHORS = 4
+BANDWIDTH_FACTOR = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +127,7 @@ class NeuralOracle(Oracle):
         eta_low: np.ndarray,
         eta_high: np.ndarray,
         *,
-        anchor: LogPartitionEstimate | None = None,
+        anchors: Sequence[LogPartitionEstimate] = (),
         out_of_range: str = "warn",
         metadata: dict[str, Any] | None = None,
     ):
@@ -133,11 +146,11 @@ class NeuralOracle(Oracle):
         self.standardization = standardization
         self.eta_low = np.asarray(eta_low, dtype=np.float64).reshape(dim)
         self.eta_high = np.asarray(eta_high, dtype=np.float64).reshape(dim)
-        self.anchor = anchor
         self.out_of_range = out_of_range
         self.metadata = dict(metadata or {})
         self._graphdef, self._state = nnx.split(model)
         self.learned_log_partition = has_learned_log_partition(protocol, model, dim)
+        self._set_anchors(tuple(anchors))
         self.report = None  # a TrainingReport when the oracle comes from train_oracle
 
     # ---------------------------------------------------------------- the model
@@ -164,11 +177,53 @@ class NeuralOracle(Oracle):
         jac = jax.jacfwd(self.mean_single)(eta)
         return 0.5 * (jac + jac.T)
 
-    def _relative_log_partition(self, eta: Array) -> Array:
-        """A(eta) - A(eta_ref)."""
-        ref = jnp.asarray(self.anchor.eta, dtype=eta.dtype)
-        if self.learned_log_partition:
-            return self._learned_log_partition(eta) - self._learned_log_partition(ref)
+    # ---------------------------------------------------------------- log-partition
+    def _set_anchors(self, anchors: tuple[LogPartitionEstimate, ...]) -> None:
+        """Validate the anchors and precompute their standardised positions, the bandwidth and
+        the constants c_k (A_k - A_net(eta_k) for a learned A, else A_k)."""
+        dim = self.family.stat_dim
+        for a in anchors:
+            if not isinstance(a, LogPartitionEstimate) or len(a.eta) != dim:
+                raise ValueError(f"anchors must be LogPartitionEstimates with {dim}-dimensional "
+                                 f"eta, got {a!r}")
+        self.anchors = anchors
+        eta = np.array([a.eta for a in anchors], dtype=np.float64).reshape(-1, dim)
+        s = (eta - self.standardization.eta_shift) / self.standardization.eta_scale
+        self._bandwidth = 1.0
+        if len(anchors) > 1:
+            gaps = np.linalg.norm(s[:, None] - s[None], axis=-1)
+            np.fill_diagonal(gaps, np.inf)
+            if not gaps.min() > 0:
+                raise ValueError("two anchors share the same eta")
+            self._bandwidth = BANDWIDTH_FACTOR * float(np.median(gaps.min(1)))
+        self._anchor_eta, self._anchor_s = eta, s
+        constant = np.array([a.value for a in anchors], dtype=np.float64)
+        if self.learned_log_partition and anchors:
+            constant = constant - np.asarray(
+                jax.jit(jax.vmap(self._learned_log_partition))(jnp.asarray(eta)), np.float64)
+        self._anchor_constant = constant
+
+    def anchor_weights(self, eta: Array) -> tuple[Array, Array]:
+        """(indices, weights) of the anchors that A(eta) blends, for one flat eta.
+
+        d_k = |s - s_k| / h; with K <= m anchors w = softmax(-d^2); otherwise the m nearest get
+        w_k proportional to exp(-d_k^2) - exp(-d_(m+1)^2) (uniform weights in the tie
+        d_(1) = d_(m+1)). The weights are >= 0, sum to 1 and are continuous in eta.
+        """
+        s = jnp.asarray(self._anchor_s, eta.dtype)
+        neg_d2 = -jnp.sum((self._standardise(eta) - s) ** 2, axis=1) / self._bandwidth**2
+        count = s.shape[0]
+        if count <= NEAREST_ANCHORS:
+            return jnp.arange(count), jax.nn.softmax(neg_d2)
+        top, index = jax.lax.top_k(neg_d2, NEAREST_ANCHORS + 1)
+        kernel = jnp.exp(top[:-1] - top[0]) - jnp.exp(top[-1] - top[0])
+        total = jnp.sum(kernel)
+        uniform = jnp.full(NEAREST_ANCHORS, 1.0 / NEAREST_ANCHORS, eta.dtype)
+        weights = jnp.where(total > 0, kernel / jnp.where(total > 0, total, 1.0), uniform)
+        return index[:-1], weights
+
+    def _path_integral(self, ref: Array, eta: Array) -> Array:
+        """int_0^1 mu(ref + t (eta - ref)) . (eta - ref) dt (Gauss-Legendre on [0, 1])."""
         nodes, weights = np.polynomial.legendre.leggauss(PATH_QUADRATURE_ORDER)
         t = jnp.asarray(0.5 * (nodes + 1.0), eta.dtype)
         delta = eta - ref
@@ -182,13 +237,20 @@ class NeuralOracle(Oracle):
         return st.mean_shift @ eta + st.gradient_constant * value
 
     def log_partition_single(self, eta: Array) -> Array:
-        """Absolute A(eta) = A(eta_ref) + [A(eta) - A(eta_ref)]."""
-        if self.anchor is None:
+        """Absolute A(eta) = sum_k w_k(eta) [A_k + D(eta, eta_k)] (see the module docstring);
+        for a learned A this is A_net(eta) + sum_k w_k(eta) [A_k - A_net(eta_k)]."""
+        if not self.anchors:
             raise ValueError(
                 "this neural oracle has no log-partition anchor (trained with anchor=None); "
                 "its log-partition is only known up to a constant"
             )
-        return jnp.asarray(self.anchor.value, eta.dtype) + self._relative_log_partition(eta)
+        index, weights = self.anchor_weights(eta)
+        constant = jnp.asarray(self._anchor_constant, eta.dtype)[index]
+        if self.learned_log_partition:
+            return self._learned_log_partition(eta) + weights @ constant
+        refs = jnp.asarray(self._anchor_eta, eta.dtype)[index]
+        paths = jax.vmap(self._path_integral, in_axes=(0, None))(refs, eta)
+        return weights @ (constant + paths)
 
     def natural_from_mean(self, mu: Array, *, init: Array | None = None, max_steps: int = 100,
                           tol: float = 1e-9) -> Array:
@@ -304,7 +366,7 @@ class NeuralOracle(Oracle):
             "standardization": self.standardization.to_json(),
             "eta_low": self.eta_low.tolist(),
             "eta_high": self.eta_high.tolist(),
-            "anchor": None if self.anchor is None else self.anchor.to_json(),
+            "anchors": [a.to_json() for a in self.anchors],
             "out_of_range": self.out_of_range,
             "metadata": self.metadata,
         }
@@ -357,10 +419,11 @@ def load_oracle(directory: str | os.PathLike, family: ExponentialFamily | None =
         raise ValueError(f"{config_path}: not valid JSON ({err})") from err
     if config.get("format") != FORMAT_NAME:
         raise ValueError(f"{config_path}: not a {FORMAT_NAME} record")
-    if config.get("version") != FORMAT_VERSION:
+    version = config.get("version")
+    if version not in (1, FORMAT_VERSION):
         raise ValueError(
-            f"{config_path}: format version {config.get('version')!r}, this package reads "
-            f"version {FORMAT_VERSION}"
+            f"{config_path}: format version {version!r}, this package reads versions 1 to "
+            f"{FORMAT_VERSION}"
         )
     payload = weights_path.read_bytes()
     if hashlib.sha256(payload).hexdigest() != config.get("weights_sha256"):
@@ -393,12 +456,15 @@ def load_oracle(directory: str | os.PathLike, family: ExponentialFamily | None =
                                  f"expected {np.shape(leaf)}")
             arrays.append(jnp.asarray(value))
     nnx.update(model, jax.tree_util.tree_unflatten(treedef, arrays))
-    anchor = config["anchor"]
+    if version == 1:  # one anchor or None
+        anchors = [] if config["anchor"] is None else [config["anchor"]]
+    else:
+        anchors = config["anchors"]
     return NeuralOracle(
         family, protocol, config["architecture"], config["hyperparameters"], model,
         Standardization.from_json(config["standardization"]),
         np.asarray(config["eta_low"]), np.asarray(config["eta_high"]),
-        anchor=None if anchor is None else LogPartitionEstimate.from_json(anchor),
+        anchors=[LogPartitionEstimate.from_json(a) for a in anchors],
         out_of_range=config["out_of_range"] if out_of_range is None else out_of_range,
         metadata=config["metadata"],
     )

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import io
 import math
+import numbers
 import time
 import warnings
 from pathlib import Path
@@ -27,14 +28,17 @@ from .._io import atomic_write
 from ..dataset import ExpectationDataset
 from ..families import family_from_description
 from ..family import ExponentialFamily
-from ..oracles.anchor import estimate_log_partition
+from ..oracles.anchor import estimate_log_partitions, resolve_method
 from ..oracles.neural import NeuralOracle, Standardization, has_learned_log_partition
 from .losses import WEIGHTINGS, sobolev_loss, standardised_covariance, target_weights
 from .protocols import get_protocol
 
-__all__ = ["TrainingReport", "train_oracle", "usable_points"]
+__all__ = ["TrainingReport", "farthest_points", "train_oracle", "usable_points"]
 
 ANCHORS = ("auto", "quadrature", "importance", None)
+# Anchors per method when num_anchors is None: quadrature costs one batched call; importance
+# sampling a NUTS run per anchor, and its Monte Carlo error would vary between anchors.
+DEFAULT_NUM_ANCHORS = {"quadrature": 32, "importance": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +109,7 @@ def train_oracle(
     split_seed: int = 0,
     drop_failed: bool = True,
     anchor: str | None = "auto",
+    num_anchors: int | None = None,
     anchor_options: dict[str, Any] | None = None,
     out_of_range: str = "warn",
     output_dir: str | Path | None = None,
@@ -117,15 +122,20 @@ def train_oracle(
     ``split_seed``); training minimises the protocol's loss with targets weighted by
     1/MCSE^2 (``weighting``), plus ``sobolev_weight`` times the squared error of the Jacobian
     against the dataset's Cov[T]; it stops when the validation RMSE has not improved for
-    ``patience`` epochs and keeps the best weights. The log-partition is anchored at the
-    training eta nearest the centre (``anchor``: quadrature for scalar x, else importance
-    sampling; None for no anchor). With ``output_dir`` the oracle and its learning curves
-    (CSV, PNG) are written there.
+    ``patience`` epochs and keeps the best weights. The log-partition is anchored at
+    ``num_anchors`` training etas (default 32 for quadrature, 1 for importance sampling) chosen
+    by farthest-point selection in standardised eta, starting from the eta nearest the centre
+    (``anchor``: "auto" is quadrature for scalar x, else importance sampling; None for no
+    anchor; ``anchor_options`` go to the importance sampler). With ``output_dir`` the oracle and
+    its learning curves (CSV, PNG) are written there.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if anchor not in ANCHORS:
         raise ValueError(f"anchor must be one of {ANCHORS}, got {anchor!r}")
+    if num_anchors is not None and (isinstance(num_anchors, bool) or not isinstance(
+            num_anchors, numbers.Integral) or num_anchors < 1):
+        raise ValueError(f"num_anchors must be None or an integer >= 1, got {num_anchors!r}")
     for name, value in [("batch_size", batch_size), ("max_epochs", max_epochs),
                         ("patience", patience), ("eval_every", eval_every)]:
         if int(value) < 1:
@@ -238,14 +248,16 @@ def train_oracle(
     bar.close()
     model = nnx.merge(graphdef, best[2], rest)
 
-    anchor_estimate = None
+    anchors = ()
     if anchor is not None:
-        anchor_estimate = estimate_log_partition(
-            family, train.eta[centre], key=k_anchor, method=anchor, **(anchor_options or {})
-        )
+        method = resolve_method(family, anchor)
+        count = DEFAULT_NUM_ANCHORS[method] if num_anchors is None else int(num_anchors)
+        chosen = farthest_points(s_train, count, start=centre)
+        anchors = estimate_log_partitions(family, train.eta[chosen], key=k_anchor, method=method,
+                                          **(anchor_options or {}))
     oracle = NeuralOracle(
         family, proto, architecture, hyperparameters, model, st,
-        train.eta.min(0), train.eta.max(0), anchor=anchor_estimate, out_of_range=out_of_range,
+        train.eta.min(0), train.eta.max(0), anchors=anchors, out_of_range=out_of_range,
     )
     with warnings.catch_warnings():  # test etas may lie just outside the training box
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -268,6 +280,19 @@ def train_oracle(
         oracle.save(output_dir)
         save_learning_curves(report, output_dir)
     return oracle
+
+
+def farthest_points(points: np.ndarray, num: int, start: int) -> np.ndarray:
+    """Indices of up to ``num`` distinct rows of ``points``: ``start``, then repeatedly the row
+    farthest from those chosen (greedy k-centre: the largest distance from any row to its
+    nearest chosen row is within a factor 2 of the best possible). Stops early when every row
+    coincides with a chosen one."""
+    chosen = [int(start)]
+    distance = np.linalg.norm(points - points[start], axis=1)
+    while len(chosen) < num and distance.max() > 0:
+        chosen.append(int(np.argmax(distance)))
+        distance = np.minimum(distance, np.linalg.norm(points - points[chosen[-1]], axis=1))
+    return np.asarray(chosen)
 
 
 def save_learning_curves(report: TrainingReport, directory: str | Path) -> tuple[Path, Path]:
