@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -41,7 +40,14 @@ from flax import nnx
 from jax.scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-from ._io import atomic_write
+from ._io import (
+    TrainingRange,
+    atomic_write,
+    read_checked_weights,
+    restore_tree,
+    save_weights_and_config,
+    tree_to_npz_bytes,
+)
 from .dataset import ExpectationDataset
 from .families import family_from_description
 from .family import Array, ExponentialFamily
@@ -117,13 +123,16 @@ def _log_prob_pairs(state, shift, scale, x, eta, *, graphdef, family):
 # ---------------------------------------------------------------------------------------------
 # the sampler
 # ---------------------------------------------------------------------------------------------
-class FlowSampler:
+class FlowSampler(TrainingRange):
     """q(x | eta) = a conditional flow pushed through ``biject_to(family.support)``.
 
     ``sample``, ``log_prob`` and ``sample_and_log_prob`` accept any batch of eta (shape
     ``batch + (stat_dim,)``) and are jit/vmap-able. An eta outside the training box
     [eta_low, eta_high] triggers a warning, an error or nothing per ``out_of_range``.
     """
+
+    extrapolation_hint = ("the flow extrapolates there (check k-hat with importance_dataset, "
+                          "pass out_of_range='ignore' to silence, or train on a wider box)")
 
     def __init__(
         self,
@@ -223,36 +232,7 @@ class FlowSampler:
         eta = jnp.asarray(eta)
         if not jnp.issubdtype(eta.dtype, jnp.floating):
             eta = eta.astype(jnp.result_type(float))
-        eta = self.family.check_eta(eta)
-        if self.out_of_range != "ignore":
-            outside = jnp.sum(~self._in_box(eta))
-            if isinstance(outside, jax.core.Tracer):
-                jax.debug.callback(self._report_outside, outside)
-            else:
-                self._report_outside(outside)
-        return eta
-
-    def _in_box(self, eta: Array) -> Array:
-        tol = 1e-9 * (self.eta_high - self.eta_low + 1.0)
-        return jnp.all((eta >= self.eta_low - tol) & (eta <= self.eta_high + tol), axis=-1)
-
-    def in_training_range(self, eta: Array) -> Array:
-        """Boolean mask (batch shape): True where eta lies inside the training box."""
-        return self._in_box(self.family.check_eta(jnp.asarray(eta)))
-
-    def _report_outside(self, outside) -> None:
-        count = int(outside)
-        if count == 0:
-            return
-        message = (
-            f"{self!r}: {count} eta outside the training range "
-            f"[{np.round(self.eta_low, 4).tolist()}, {np.round(self.eta_high, 4).tolist()}]; "
-            "the flow extrapolates there (check k-hat with importance_dataset, pass "
-            "out_of_range='ignore' to silence, or train on a wider box)"
-        )
-        if self.out_of_range == "error":
-            raise ValueError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        return self.check_range(self.family.check_eta(eta))
 
     # ---------------------------------------------------------------- persistence
     def config(self) -> dict[str, Any]:
@@ -272,44 +252,11 @@ class FlowSampler:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``weights.npz`` then ``sampler.json`` (with the weights' SHA-256), atomically."""
-        directory = Path(directory)
-        payload = _npz_bytes(_flat_tree(self._state))
-        atomic_write(directory / WEIGHTS_FILE, lambda f: f.write(payload))
-        config = {**self.config(), "weights_sha256": hashlib.sha256(payload).hexdigest()}
-        text = json.dumps(config, indent=2, sort_keys=True).encode()
-        atomic_write(directory / CONFIG_FILE, lambda f: f.write(text))
-        return directory
+        return save_weights_and_config(directory, self._state, self.config(), WEIGHTS_FILE,
+                                       CONFIG_FILE)
 
     def __repr__(self) -> str:
         return f"FlowSampler({self.family.name}, {self.architecture})"
-
-
-def _flat_tree(tree: Any) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
-
-
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def _restore_tree(template: Any, payload: bytes, where: Path) -> Any:
-    """``template`` with its leaves replaced by the arrays stored under their key paths."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    names = [jax.tree_util.keystr(path) for path, _ in leaves]
-    with np.load(io.BytesIO(payload), allow_pickle=False) as stored:
-        if set(names) != set(stored.files):
-            raise ValueError(f"{where}: stored arrays do not match the recorded architecture")
-        arrays = []
-        for name, (_, leaf) in zip(names, leaves, strict=True):
-            value = stored[name]
-            if value.shape != np.shape(leaf):
-                raise ValueError(f"{where}: {name} has shape {value.shape}, expected "
-                                 f"{np.shape(leaf)}")
-            arrays.append(jnp.asarray(value, dtype=jnp.asarray(leaf).dtype))
-    return jax.tree_util.tree_unflatten(treedef, arrays)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -343,9 +290,7 @@ def load_flow_sampler(directory: str | os.PathLike, family: ExponentialFamily | 
     if config.get("version") != FORMAT_VERSION:
         raise ValueError(f"{config_path}: format version {config.get('version')!r}, this "
                          f"package reads version {FORMAT_VERSION}")
-    payload = weights_path.read_bytes()
-    if hashlib.sha256(payload).hexdigest() != config.get("weights_sha256"):
-        raise ValueError(f"{weights_path}: weights do not match {CONFIG_FILE} (changed or partial)")
+    payload = read_checked_weights(weights_path, config, CONFIG_FILE)
     recorded = config["family"]
     if family is None:
         family = family_from_description(recorded)
@@ -357,7 +302,7 @@ def load_flow_sampler(directory: str | os.PathLike, family: ExponentialFamily | 
     spec = config["flow"]
     flow = build_conditional_flow(spec["name"], spec["dim"], spec["cond_dim"], rngs=nnx.Rngs(0),
                                   **spec["hyperparameters"])
-    nnx.update(flow, _restore_tree(nnx.state(flow), payload, weights_path))
+    nnx.update(flow, restore_tree(nnx.state(flow), payload, weights_path))
     return FlowSampler(
         family, flow, np.asarray(config["eta_shift"]), np.asarray(config["eta_scale"]),
         np.asarray(config["eta_low"]), np.asarray(config["eta_high"]),
@@ -588,7 +533,7 @@ def _checkpoint(directory: Path, sampler: FlowSampler, opt_state: Any,
                 record: dict[str, Any]) -> None:
     """Sampler files, optimizer state, then ``training.json`` naming both files' SHA-256."""
     sampler.save(directory)
-    payload = _npz_bytes(_flat_tree(opt_state))
+    payload = tree_to_npz_bytes(opt_state)
     atomic_write(directory / OPTIMIZER_FILE, lambda f: f.write(payload))
     record = {**record, "optimizer_sha256": hashlib.sha256(payload).hexdigest(),
               "weights_sha256": hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()
@@ -619,7 +564,7 @@ def _resume(directory: Path, fingerprint: str, family: ExponentialFamily, opt_st
         raise ValueError(f"{directory}: checkpoint files do not match {PROGRESS_FILE} "
                          "(interrupted while writing?); use another directory")
     _, params, _ = nnx.split(load_flow_sampler(directory, family).flow, nnx.Param, ...)
-    opt_state = _restore_tree(opt_state, payload, optimizer_path)
+    opt_state = restore_tree(opt_state, payload, optimizer_path)
     return params, opt_state, record
 
 

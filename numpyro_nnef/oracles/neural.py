@@ -22,11 +22,8 @@ of a continuation grows with its path length; nearby anchors keep the paths shor
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .._io import atomic_write
+from .._io import TrainingRange, read_checked_weights, restore_tree, save_weights_and_config
 from ..families import family_from_description
 from ..family import Array, ExponentialFamily
 from .anchor import LogPartitionEstimate
@@ -108,13 +105,16 @@ def _safe_std(a: np.ndarray) -> np.ndarray:
     return np.where(std > 1e-12 * (1.0 + np.abs(a).max(0)), std, 1.0)
 
 
-class NeuralOracle(Oracle):
+class NeuralOracle(TrainingRange, Oracle):
     """Oracle backed by a trained network (any architecture x training protocol).
 
     ``mean``/``covariance``/``log_partition``/``natural_from_mean`` follow the oracle protocol and
     are jit/vmap-able. An eta outside the training box [eta_low, eta_high] triggers a warning,
     an error or nothing, per ``out_of_range`` ("warn" by default): never a silent extrapolation.
     """
+
+    extrapolation_hint = ("the network extrapolates there (pass out_of_range='ignore' to "
+                          "silence, or train on a wider box)")
 
     def __init__(
         self,
@@ -316,42 +316,7 @@ class NeuralOracle(Oracle):
 
     # ---------------------------------------------------------------- range check
     def _eta(self, eta: Array) -> Array:
-        eta = super()._eta(eta)
-        if self.out_of_range == "ignore":
-            return eta
-        outside = self._outside(eta)
-        if isinstance(outside, jax.core.Tracer):
-            jax.debug.callback(self._report_outside, outside)
-        else:
-            self._report_outside(outside)
-        return eta
-
-    def _outside(self, eta: Array) -> Array:
-        """Number of eta outside the training box."""
-        return jnp.sum(~self._in_box(eta))
-
-    def _report_outside(self, outside) -> None:
-        count = int(outside)
-        if count == 0:
-            return
-        message = (
-            f"{self!r}: {count} eta outside the training range "
-            f"[{np.round(self.eta_low, 4).tolist()}, {np.round(self.eta_high, 4).tolist()}]; "
-            "the network extrapolates there (pass out_of_range='ignore' to silence, or train on "
-            "a wider box)"
-        )
-        if self.out_of_range == "error":
-            raise ValueError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-    def in_training_range(self, eta: Array) -> Array:
-        """Boolean mask (batch shape): True where eta lies inside the training box."""
-        return self._in_box(self.family.check_eta(eta))
-
-    def _in_box(self, eta: Array) -> Array:
-        """eta_low <= eta <= eta_high per point, with a relative tolerance of 1e-9."""
-        tol = 1e-9 * (self.eta_high - self.eta_low + 1.0)
-        return jnp.all((eta >= self.eta_low - tol) & (eta <= self.eta_high + tol), axis=-1)
+        return self.check_range(super()._eta(eta))
 
     # ---------------------------------------------------------------- persistence
     def config(self) -> dict[str, Any]:
@@ -373,15 +338,8 @@ class NeuralOracle(Oracle):
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``weights.npz`` then ``oracle.json`` (with the weights' SHA-256), atomically."""
-        directory = Path(directory)
-        buffer = io.BytesIO()
-        np.savez(buffer, **_flat_state(self._state))
-        payload = buffer.getvalue()
-        atomic_write(directory / WEIGHTS_FILE, lambda f: f.write(payload))
-        config = {**self.config(), "weights_sha256": hashlib.sha256(payload).hexdigest()}
-        text = json.dumps(config, indent=2, sort_keys=True).encode()
-        atomic_write(directory / CONFIG_FILE, lambda f: f.write(text))
-        return directory
+        return save_weights_and_config(directory, self._state, self.config(), WEIGHTS_FILE,
+                                       CONFIG_FILE)
 
     def __repr__(self) -> str:
         return f"NeuralOracle({self.family.name}, {self.architecture}/{self.protocol.name})"
@@ -393,11 +351,6 @@ def has_learned_log_partition(protocol: Protocol, model: nnx.Module, dim: int) -
     probe = jax.eval_shape(lambda s: protocol.log_partition(nnx.merge(graphdef, state), s),
                            jax.ShapeDtypeStruct((dim,), jnp.float64))
     return probe is not None
-
-
-def _flat_state(state: Any) -> dict[str, np.ndarray]:
-    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
 def load_oracle(directory: str | os.PathLike, family: ExponentialFamily | None = None,
@@ -425,9 +378,7 @@ def load_oracle(directory: str | os.PathLike, family: ExponentialFamily | None =
             f"{config_path}: format version {version!r}, this package reads versions 1 to "
             f"{FORMAT_VERSION}"
         )
-    payload = weights_path.read_bytes()
-    if hashlib.sha256(payload).hexdigest() != config.get("weights_sha256"):
-        raise ValueError(f"{weights_path}: weights do not match {CONFIG_FILE} (changed or partial)")
+    payload = read_checked_weights(weights_path, config, CONFIG_FILE)
     recorded = config["family"]
     if family is None:
         family = family_from_description(recorded)
@@ -442,20 +393,7 @@ def load_oracle(directory: str | os.PathLike, family: ExponentialFamily | None =
     dim = family.stat_dim
     model = protocol.build_model(config["architecture"], eta_dim=dim, stat_dim=dim,
                                  rngs=nnx.Rngs(0), **config["hyperparameters"])
-    state = nnx.state(model)
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    with np.load(io.BytesIO(payload), allow_pickle=False) as stored:
-        names = [jax.tree_util.keystr(path) for path, _ in leaves]
-        if set(names) != set(stored.files):
-            raise ValueError(f"{weights_path}: parameters do not match the recorded architecture")
-        arrays = []
-        for name, (_, leaf) in zip(names, leaves, strict=True):
-            value = stored[name]
-            if value.shape != np.shape(leaf):
-                raise ValueError(f"{weights_path}: {name} has shape {value.shape}, "
-                                 f"expected {np.shape(leaf)}")
-            arrays.append(jnp.asarray(value))
-    nnx.update(model, jax.tree_util.tree_unflatten(treedef, arrays))
+    nnx.update(model, restore_tree(nnx.state(model), payload, weights_path))
     if version == 1:  # one anchor or None
         anchors = [] if config["anchor"] is None else [config["anchor"]]
     else:
