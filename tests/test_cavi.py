@@ -296,3 +296,66 @@ def test_plates_that_do_not_match_the_data_name_the_site():
 
     with pytest.raises(ValueError, match=r"'y'.*plate's size"):
         nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, jnp.ones(7))
+
+
+def quartic_site_model():
+    """An unnamed family x ~ exp(eta . (x, x^2, x^4)) (no exact sampler, a QuadratureOracle)
+    observed through y_i ~ N(x, 1): the posterior eta is eta0 + (sum y, -n/2, 0)."""
+    from numpyro.distributions import constraints
+
+    family = nnef.ExponentialFamily.from_statistics(
+        "Quartic", lambda x: {"x": x, "x2": x * x, "x4": x**4}, event_shape=(),
+        support=constraints.real)
+    oracle = nnef.QuadratureOracle(family)
+
+    def model(y):
+        x = numpyro.sample("x", nnef.EFDistribution(family, jnp.array([0.3, -0.5, -0.3]),
+                                                    oracle=oracle))
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.Normal(x, 1.0), obs=y)
+
+    return family, oracle, model
+
+
+def test_posterior_draws_of_a_learned_family_come_from_its_flow_sampler(monkeypatch):
+    family, oracle, model = quartic_site_model()
+    y = jnp.array([0.9, 1.4, 0.3, 1.1, 0.8])  # posterior eta = (4.8, -3.0, -0.3)
+    sampler = nnef.train_flow_sampler(
+        family, ([4.6, -3.2, -0.35], [5.0, -2.8, -0.25]), key=jax.random.key(0),
+        architecture="nsf", hyperparameters={"num_layers": 1, "hidden": (16, 16), "num_bins": 4},
+        num_steps=400, batch_size=128, learning_rate=1e-2, progress=False, out_of_range="error")
+    guide = nnef.CAVIGuide(model, oracles={"x": oracle}, samplers={"x": sampler})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # quadrature: ELBO flat to ~1e-6
+        result = nnef.CAVI(model, guide).run(jax.random.key(1), 20, y)
+    eta = result.params["x_eta"]
+    np.testing.assert_allclose(eta, [4.8, -3.0, -0.3], rtol=1e-8)
+
+    def no_nuts(*args, **kwargs):
+        raise AssertionError("NUTS was called although the site has a sampler")
+
+    monkeypatch.setattr(nnef.sampling, "sample_family", no_nuts)
+    n = 2000
+    draws = guide.sample_posterior(jax.random.key(2), result.params, sample_shape=(n,))
+    t = np.asarray(family.sufficient_statistics(draws["x"]))
+    assert t.shape == (n, 3)
+    mcse = t.std(0) / np.sqrt(n)
+    exact = np.asarray(result.state.mean["x"])  # the oracle's E[T] at the CAVI eta
+    assert np.all(np.abs(t.mean(0) - exact) < 4 * mcse), (t.mean(0), exact, mcse)
+
+
+def test_sampler_for_another_family_or_site_names_the_site():
+    from flax import nnx
+
+    from numpyro_nnef.nn.bijections import build_conditional_flow
+
+    family, oracle, model = quartic_site_model()
+    other = nnef.FlowSampler(nnef.families.GaussLaplace(),
+                             build_conditional_flow("realnvp", 1, 3, rngs=nnx.Rngs(0)),
+                             np.zeros(3), np.ones(3), -np.ones(3), np.ones(3))
+    y = jnp.ones(3)
+    for samplers, match in (({"x": other}, r"site 'x'.*GaussLaplace.*Quartic"),
+                            ({"z": other}, r"\['z'\].*not latent sites")):
+        guide = nnef.CAVIGuide(model, oracles={"x": oracle}, samplers=samplers)
+        with pytest.raises(ValueError, match=match):
+            nnef.CAVI(model, guide).run(jax.random.key(0), 5, y)

@@ -59,20 +59,38 @@ class CAVIGuide:
     """A NumPyro guide with one exponential-family factor per element of every latent site.
 
     ``oracles`` maps site names to oracles of families that the automatic resolution would not
-    find (learned families). Call ``guide(*args, **kwargs)`` inside NumPyro (e.g. ``Predictive``)
-    with ``params`` from ``CAVI.run``; the parameters are named ``"<site>_eta"``.
+    find (learned families). ``samplers`` maps site names to learned samplers (``FlowSampler``)
+    of the site's family: q(x | eta) for that site is then sampled by the sampler (in
+    ``sample_posterior``, ``to_arviz`` and ``Predictive``) instead of the family's exact sampler
+    or NUTS. Call ``guide(*args, **kwargs)`` inside NumPyro (e.g. ``Predictive``) with ``params``
+    from ``CAVI.run``; the parameters are named ``"<site>_eta"``.
     """
 
-    def __init__(self, model: Callable, *, oracles: Mapping[str, Any] | None = None):
+    def __init__(self, model: Callable, *, oracles: Mapping[str, Any] | None = None,
+                 samplers: Mapping[str, Any] | None = None):
         self.model = model
         self.oracles = dict(oracles or {})
+        self.samplers = dict(samplers or {})
         self.conjugate: ConjugateModel | None = None
 
     def analyse(self, *args: Any, key: Array, **kwargs: Any) -> ConjugateModel:
-        """Run the conjugacy analysis for these model arguments (kept for the guide's use)."""
-        self.conjugate = analyse_model(self.model, *args, key=key, oracles=self.oracles,
-                                       **kwargs)
-        return self.conjugate
+        """Run the conjugacy analysis for these model arguments (kept for the guide's use);
+        ValueError naming the site for a sampler of a missing site or of another family."""
+        cm = analyse_model(self.model, *args, key=key, oracles=self.oracles, **kwargs)
+        unknown = sorted(set(self.samplers) - set(cm.sites))
+        if unknown:
+            raise ValueError(f"samplers given for {unknown}, which are not latent sites of the "
+                             f"model (latent: {sorted(cm.sites)})")
+        for name, sampler in self.samplers.items():
+            want, got = cm.families[name].family, getattr(sampler, "family", None)
+            if got is None or (got.name, tuple(got.stat_labels)) != (want.name,
+                                                                     tuple(want.stat_labels)):
+                what = (f"{got.name} {list(got.stat_labels)}" if got is not None
+                        else f"a {type(sampler).__name__} without a family")
+                raise ValueError(f"the sampler for site {name!r} is for {what}, but the site's "
+                                 f"family is {want.name} {list(want.stat_labels)}")
+        self.conjugate = cm
+        return cm
 
     def _require(self) -> ConjugateModel:
         if self.conjugate is None:
@@ -81,14 +99,16 @@ class CAVIGuide:
         return self.conjugate
 
     def distribution(self, name: str, eta: Array):
-        """q for site ``name`` as a NumPyro distribution with the model site's shapes."""
+        """q for site ``name`` as a NumPyro distribution with the model site's shapes (sampled
+        by the site's sampler when ``samplers`` names one)."""
         cm = self._require()
         site, fam = cm.sites[name], cm.families[name]
-        if hasattr(fam.family, "to_numpyro"):
+        sampler = self.samplers.get(name)
+        if sampler is None and hasattr(fam.family, "to_numpyro"):
             q = fam.family.to_numpyro(eta)
         else:
             from ..distribution import EFDistribution
-            q = EFDistribution(fam.family, eta, oracle=fam.oracle)
+            q = EFDistribution(fam.family, eta, oracle=fam.oracle, sampler=sampler)
         extra = len(site.batch_shape) - len(site.prior.batch_shape)
         return q.to_event(extra) if extra > 0 else q
 
