@@ -84,6 +84,8 @@ import traceback
 import warnings
 from pathlib import Path
 
+from results_cache import read_results, save_result, write_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("normal_gamma", "lasso", "mixture", "nmf")
 
@@ -570,24 +572,6 @@ def unit_key(model: str, method: str, config: dict, package_sha: str) -> str:
                 "max_steps": relevant["max_steps"][model], "package": package_sha}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
     return f"{model}|{method}|{digest}"
-
-
-def read_results(path: Path) -> dict:
-    return json.loads(path.read_text())["results"] if path.exists() else {}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_result(path: Path, key: str, row: dict) -> dict:
-    results = read_results(path)
-    results[key] = row
-    write_atomic(path, json.dumps({"results": results}, indent=1, sort_keys=True))
-    return results
 
 
 def run_unit_subprocess(model: str, method: str, config: dict) -> dict:

@@ -66,6 +66,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from results_cache import read_results, save_result, write_atomic
 
 import numpyro_nnef as nnef
 from numpyro_nnef import families
@@ -332,24 +333,6 @@ def unit_key(label: str, unit: str, config: dict, package_sha: str) -> str:
                                         FAMILIES[label][1:]], sort_keys=True).encode()
                             ).hexdigest()[:12]
     return f"{label}|{unit}|{digest}"
-
-
-def read_results(path: Path) -> dict:
-    return json.loads(path.read_text())["results"] if path.exists() else {}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_result(path: Path, key: str, row: dict) -> dict:
-    results = read_results(path)
-    results[key] = row
-    write_atomic(path, json.dumps({"results": results}, indent=1, sort_keys=True))
-    return results
 
 
 # ---------------------------------------------------------------------------------------------
