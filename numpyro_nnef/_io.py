@@ -81,6 +81,42 @@ def save_weights_and_config(directory: str | os.PathLike, tree: Any, config: dic
     return directory
 
 
+def read_record(directory: str | os.PathLike, *, what: str, config_file: str, weights_file: str,
+                format_name: str, versions: tuple[int, ...], family: Any = None
+                ) -> tuple[dict[str, Any], bytes, Any]:
+    """(config, weights payload, family) of a saved learned map, each part validated: both
+    files present, the JSON's format and version, the weights' SHA-256, and the family (rebuilt
+    from the record when not given) equal to the recorded one."""
+    directory = Path(directory)
+    config_path, weights_path = directory / config_file, directory / weights_file
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory}: incomplete {what} directory, {path.name} "
+                                    f"missing")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict) or config.get("format") != format_name:
+        raise ValueError(f"{config_path}: not a {format_name} record")
+    if config.get("version") not in versions:
+        readable = (f"version {versions[0]}" if len(versions) == 1
+                    else f"versions {min(versions)} to {max(versions)}")
+        raise ValueError(f"{config_path}: format version {config.get('version')!r}, this "
+                         f"package reads {readable}")
+    payload = read_checked_weights(weights_path, config, config_file)
+    recorded = config["family"]
+    if family is None:
+        from .families import family_from_description
+
+        family = family_from_description(recorded)
+    if family.name != recorded["name"] or list(family.stat_labels) != recorded["stat_labels"]:
+        raise ValueError(f"{directory}: {what} is for {recorded['name']} "
+                         f"{recorded['stat_labels']}, got {family.name} "
+                         f"{list(family.stat_labels)}")
+    return config, payload, family
+
+
 def read_checked_weights(weights_path: Path, config: dict[str, Any], config_file: str) -> bytes:
     """The weights payload, checked against the SHA-256 recorded in the config."""
     payload = weights_path.read_bytes()

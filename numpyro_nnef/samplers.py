@@ -43,13 +43,12 @@ from tqdm.auto import tqdm
 from ._io import (
     TrainingRange,
     atomic_write,
-    read_checked_weights,
+    read_record,
     restore_tree,
     save_weights_and_config,
     tree_to_npz_bytes,
 )
 from .dataset import ExpectationDataset
-from .families import family_from_description
 from .family import Array, ExponentialFamily
 from .nn.bijections import ConditionalFlow, build_conditional_flow
 from .sampling import (
@@ -277,28 +276,10 @@ def load_flow_sampler(directory: str | os.PathLike, family: ExponentialFamily | 
     Raises FileNotFoundError for an incomplete directory and ValueError for another format or
     version, changed weights or a different family.
     """
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{directory}: incomplete flow-sampler directory, {path.name} missing"
-            )
-    config = _read_json(config_path)
-    if config.get("format") != FORMAT_NAME:
-        raise ValueError(f"{config_path}: not a {FORMAT_NAME} record")
-    if config.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{config_path}: format version {config.get('version')!r}, this "
-                         f"package reads version {FORMAT_VERSION}")
-    payload = read_checked_weights(weights_path, config, CONFIG_FILE)
-    recorded = config["family"]
-    if family is None:
-        family = family_from_description(recorded)
-    if family.name != recorded["name"] or list(family.stat_labels) != recorded["stat_labels"]:
-        raise ValueError(
-            f"{directory}: sampler is for {recorded['name']} {recorded['stat_labels']}, got "
-            f"{family.name} {list(family.stat_labels)}"
-        )
+    config, payload, family = read_record(
+        directory, what="flow-sampler", config_file=CONFIG_FILE, weights_file=WEIGHTS_FILE,
+        format_name=FORMAT_NAME, versions=(FORMAT_VERSION,), family=family)
+    weights_path = Path(directory) / WEIGHTS_FILE
     spec = config["flow"]
     flow = build_conditional_flow(spec["name"], spec["dim"], spec["cond_dim"], rngs=nnx.Rngs(0),
                                   **spec["hyperparameters"])

@@ -22,7 +22,6 @@ of a continuation grows with its path length; nearby anchors keep the paths shor
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,8 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .._io import TrainingRange, read_checked_weights, restore_tree, save_weights_and_config
-from ..families import family_from_description
+from .._io import TrainingRange, read_record, restore_tree, save_weights_and_config
 from ..family import Array, ExponentialFamily
 from .anchor import LogPartitionEstimate
 from .base import Oracle, newton_natural_from_mean
@@ -359,34 +357,11 @@ def load_oracle(directory: str | os.PathLike, family: ExponentialFamily | None =
 
     ``family`` is needed for user-defined families; built-in ones are rebuilt from the record.
     """
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{directory}: incomplete oracle directory, {path.name} missing"
-            )
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path}: not valid JSON ({err})") from err
-    if config.get("format") != FORMAT_NAME:
-        raise ValueError(f"{config_path}: not a {FORMAT_NAME} record")
-    version = config.get("version")
-    if version not in (1, FORMAT_VERSION):
-        raise ValueError(
-            f"{config_path}: format version {version!r}, this package reads versions 1 to "
-            f"{FORMAT_VERSION}"
-        )
-    payload = read_checked_weights(weights_path, config, CONFIG_FILE)
-    recorded = config["family"]
-    if family is None:
-        family = family_from_description(recorded)
-    if family.name != recorded["name"] or list(family.stat_labels) != recorded["stat_labels"]:
-        raise ValueError(
-            f"{directory}: oracle is for {recorded['name']} {recorded['stat_labels']}, got "
-            f"{family.name} {list(family.stat_labels)}"
-        )
+    config, payload, family = read_record(
+        directory, what="oracle", config_file=CONFIG_FILE, weights_file=WEIGHTS_FILE,
+        format_name=FORMAT_NAME, versions=(1, FORMAT_VERSION), family=family)
+    weights_path = Path(directory) / WEIGHTS_FILE
+    version = config["version"]
     from ..training.protocols import get_protocol
 
     protocol = get_protocol(config["protocol"]["name"], **config["protocol"]["options"])
