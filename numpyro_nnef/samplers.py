@@ -12,9 +12,11 @@ eta, which needs no samples of p: with u = g(z; s(eta)) reparameterised,
     L = E_eta E_z [log q_u(u | eta) - eta . T(f(u)) - log h(f(u)) - log|det J_f(u)|]
       = E_eta [KL(q(. | eta) || p(. | eta)) - A(eta)].
 
-Importance sampling with weights w = h(x) exp(eta . T(x)) / q(x | eta), x ~ q, gives
-self-normalised estimates of E[T], Cov[T], log Z = A(eta) = log E_q[w] and ArviZ's Pareto-smoothed
-k-hat (``importance_dataset``).
+Importance sampling with weights w = h(x) exp(eta . T(x)) / r(x | eta), x ~ r, with r the flow
+mixed with a wider heavy-tailed component (defensive importance sampling), gives self-normalised
+estimates of E[T], Cov[T], log Z = A(eta) = log E_r[w] and ArviZ's Pareto-smoothed k-hat
+(``importance_dataset``). Sampling evaluates the flow's eta-only part once per eta
+(``ConditionalFlow.condition``) and only the per-draw rest for each draw.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from .family import Array, ExponentialFamily
 from .nn.bijections import ConditionalFlow, build_conditional_flow
 from .sampling import (
     as_key,
+    generate_dataset,
     package_version,
     sample_etas,
     support_transform,
@@ -81,19 +84,37 @@ ETA_POOL_SIZE = 8192  # etas drawn once from a box; each training step picks bat
 STEPS_PER_CALL = 50  # training steps per compiled call (one progress-bar update)
 MIN_FINITE_DRAWS = 10  # fewer finite importance draws than this: no estimate at that eta
 EQUAL_LOG_WEIGHTS = 1e-10  # log weights spread less than this count as equal (k-hat = -inf)
+DEFENSIVE_DF = 5.0  # importance sampling's heavy component: Student-t degrees of freedom,
+DEFENSIVE_WIDTH = 2.0  # its scale in units of the flow's sd (per unconstrained coordinate),
+DEFENSIVE_PILOT = 256  # estimated from this many flow draws (drawn apart from the sample)
 
 
-def _sample_one(graphdef: Any, family: ExponentialFamily, state: Any, shift: Array,
-                scale: Array, z: Array, eta: Array) -> tuple[Array, Array]:
-    """(x, log q(x | eta)) for one base draw z (d,) and one eta (stat_dim,)."""
+def _to_support(family: ExponentialFamily, u_flat: Array) -> tuple[Array, Array]:
+    """(x = f(u), log|det J_f(u)|) for one unconstrained point u (d,), f = biject_to(support)."""
     transform = support_transform(family)
-    u_shape = tuple(transform.inverse_shape(family.event_shape))
-    flow = nnx.merge(graphdef, state)
-    u, log_det = flow.forward(z, ((eta - shift) / scale).astype(z.dtype))
-    u = u.reshape(u_shape)
+    u = u_flat.reshape(tuple(transform.inverse_shape(family.event_shape)))
     x = transform(u)
-    log_jf = jnp.sum(transform.log_abs_det_jacobian(u, x))
-    return x, jnp.sum(jax.scipy.stats.norm.logpdf(z)) - log_det - log_jf
+    return x, jnp.sum(transform.log_abs_det_jacobian(u, x))
+
+
+def _normal_log_prob(z: Array) -> Array:
+    """log N(z; 0, I), summed over the last axis."""
+    return jnp.sum(jax.scipy.stats.norm.logpdf(z), axis=-1)
+
+
+def _draws_at(graphdef: Any, family: ExponentialFamily, state: Any, shift: Array, scale: Array,
+              z: Array, eta: Array) -> tuple[Array, Array]:
+    """x = f(g(z; eta)) (S, event) and log|det dx/dz| (S,) for base draws z (S, d) at one eta
+    (stat_dim,); the flow's eta-only part (``flow.condition``) is computed once for the S draws."""
+    flow = nnx.merge(graphdef, state)
+    context = flow.condition(((eta - shift) / scale).astype(z.dtype))
+
+    def one(z_s):
+        u, log_det = flow.forward_given(z_s, context)
+        x, log_jf = _to_support(family, u)
+        return x, log_det + log_jf
+
+    return jax.vmap(one)(z)
 
 
 def _log_prob_one(graphdef: Any, family: ExponentialFamily, state: Any, shift: Array,
@@ -104,14 +125,20 @@ def _log_prob_one(graphdef: Any, family: ExponentialFamily, state: Any, shift: A
     u = transform.inv(x)
     z, log_det = flow.inverse(u.reshape(-1), ((eta - shift) / scale).astype(u.dtype))
     log_jf = jnp.sum(transform.log_abs_det_jacobian(u, x))
-    return jnp.sum(jax.scipy.stats.norm.logpdf(z)) + log_det - log_jf
+    return _normal_log_prob(z) + log_det - log_jf
 
 
 # Compiled once per (flow structure, family): samplers loaded or retrained with the same
 # architecture and family reuse the compiled code.
-@partial(jax.jit, static_argnames=("graphdef", "family"))
-def _sample_pairs(state, shift, scale, z, eta, *, graphdef, family):
-    return jax.vmap(partial(_sample_one, graphdef, family, state, shift, scale))(z, eta)
+@partial(jax.jit, static_argnames=("graphdef", "family", "num_samples", "with_log_q"))
+def _sample_batch(state, shift, scale, key, etas, *, graphdef, family, num_samples, with_log_q):
+    """num_samples draws at each of the n etas (n, stat_dim): x (num_samples, n, event) and,
+    with ``with_log_q``, log q (num_samples, n)."""
+    d = math.prod(support_transform(family).inverse_shape(family.event_shape))
+    z = jax.random.normal(key, (num_samples, etas.shape[0], d), etas.dtype)
+    draw = partial(_draws_at, graphdef, family, state, shift, scale)
+    x, log_det = jax.vmap(draw, in_axes=(1, 0), out_axes=1)(z, etas)
+    return (x, _normal_log_prob(z) - log_det) if with_log_q else x  # x alone: no log q work
 
 
 @partial(jax.jit, static_argnames=("graphdef", "family"))
@@ -192,27 +219,30 @@ class FlowSampler(TrainingRange):
         return self._state, jnp.asarray(self.eta_shift, dtype), jnp.asarray(self.eta_scale, dtype)
 
     # ---------------------------------------------------------------- public API
+    def _sample(self, key: Array, eta: Array, sample_shape: tuple[int, ...], with_log_q: bool
+                ) -> Any:
+        eta = self._eta(eta)
+        sample_shape = tuple(int(s) for s in sample_shape)
+        batch = eta.shape[:-1]
+        out = _sample_batch(*self._arrays(eta.dtype), as_key(key),
+                            eta.reshape(-1, self.family.stat_dim), graphdef=self._graphdef,
+                            family=self.family, num_samples=math.prod(sample_shape),
+                            with_log_q=with_log_q)
+        event = tuple(self.family.event_shape)
+        if not with_log_q:
+            return out.reshape(sample_shape + batch + event)
+        x, log_q = out
+        return x.reshape(sample_shape + batch + event), log_q.reshape(sample_shape + batch)
+
     def sample_and_log_prob(self, key: Array, eta: Array, sample_shape: tuple[int, ...] = ()
                             ) -> tuple[Array, Array]:
         """(x, log q(x | eta)): x of shape ``sample_shape + batch + event_shape``, log q of shape
         ``sample_shape + batch``, for eta of shape ``batch + (stat_dim,)``."""
-        eta = self._eta(eta)
-        sample_shape = tuple(int(s) for s in sample_shape)
-        batch = eta.shape[:-1]
-        flat = eta.reshape(-1, self.family.stat_dim)
-        d = math.prod(self._u_shape)
-        z = jax.random.normal(as_key(key), sample_shape + (flat.shape[0], d), eta.dtype)
-        z = z.reshape(-1, d)
-        etas = jnp.broadcast_to(flat, (math.prod(sample_shape),) + flat.shape).reshape(z.shape[0],
-                                                                                      -1)
-        x, log_q = _sample_pairs(*self._arrays(eta.dtype), z, etas, graphdef=self._graphdef,
-                                 family=self.family)
-        event = tuple(self.family.event_shape)
-        return x.reshape(sample_shape + batch + event), log_q.reshape(sample_shape + batch)
+        return self._sample(key, eta, sample_shape, with_log_q=True)
 
     def sample(self, key: Array, eta: Array, sample_shape: tuple[int, ...] = ()) -> Array:
-        """x ~ q(x | eta), shape ``sample_shape + batch + event_shape``."""
-        return self.sample_and_log_prob(key, eta, sample_shape)[0]
+        """x ~ q(x | eta), shape ``sample_shape + batch + event_shape`` (log q is not computed)."""
+        return self._sample(key, eta, sample_shape, with_log_q=False)
 
     def log_prob(self, x: Array, eta: Array) -> Array:
         """log q(x | eta); the batch shapes of x (``batch + event_shape``) and eta broadcast."""
@@ -369,7 +399,7 @@ def _reverse_kl(params, rest, pool, shift, scale, key, *, graphdef, family, batc
 
     def one(z_i, eta_i):
         u, log_det = flow.forward(z_i, (eta_i - shift) / scale)
-        log_q = jnp.sum(jax.scipy.stats.norm.logpdf(z_i)) - log_det
+        log_q = _normal_log_prob(z_i) - log_det
         return log_q - unconstrained_log_density(family, eta_i)(u.reshape(u_shape))
 
     values = jax.vmap(one)(z, eta)
@@ -552,16 +582,38 @@ def _resume(directory: Path, fingerprint: str, family: ExponentialFamily, opt_st
 # ---------------------------------------------------------------------------------------------
 # importance sampling
 # ---------------------------------------------------------------------------------------------
-@partial(jax.jit, static_argnames=("graphdef", "family", "num_samples"))
-def _importance_draws(state, shift, scale, keys, etas, *, graphdef, family, num_samples):
-    """(T(x) (n, S, D), log w (n, S)) with x ~ q(. | eta_i) drawn from keys[i]."""
+@partial(jax.jit, static_argnames=("graphdef", "family", "num_samples", "defensive"))
+def _importance_draws(state, shift, scale, keys, etas, *, graphdef, family, num_samples,
+                      defensive):
+    """(T(x) (n, S, D), log w (n, S)) at each eta_i from keys[i]: S - S_h draws of the flow q
+    and S_h = round(defensive S) of the heavy component h (see ``importance_dataset``), weighed
+    against the mixture r = (1 - a) q + a h, a = S_h / S (balance heuristic)."""
+    flow = nnx.merge(graphdef, state)
     d = math.prod(support_transform(family).inverse_shape(family.event_shape))
-    sample = partial(_sample_one, graphdef, family, state, shift, scale)
+    num_heavy = round(defensive * num_samples)
+    share = num_heavy / num_samples
 
     def one_eta(key, eta):
-        z = jax.random.normal(key, (num_samples, d), eta.dtype)
-        x, log_q = jax.vmap(sample, in_axes=(0, None))(z, eta)
-        log_w = family.unnormalized_log_prob(eta, x) - log_q
+        k_pilot, k_z, k_heavy = jax.random.split(key, 3)
+        context = flow.condition(((eta - shift) / scale).astype(eta.dtype))
+        forward = jax.vmap(lambda z: flow.forward_given(z, context))
+        z = jax.random.normal(k_z, (num_samples - num_heavy, d), eta.dtype)
+        u, log_det = forward(z)
+        log_r = _normal_log_prob(z) - log_det  # log q(u)
+        if num_heavy:
+            pilot, _ = forward(jax.random.normal(k_pilot, (DEFENSIVE_PILOT, d), eta.dtype))
+            loc = jnp.mean(pilot, axis=0)
+            width = DEFENSIVE_WIDTH * jnp.maximum(jnp.std(pilot, axis=0), 1e-6)
+            u_heavy = loc + width * jax.random.t(k_heavy, DEFENSIVE_DF, (num_heavy, d),
+                                                 eta.dtype)
+            z_heavy, log_det_inverse = jax.vmap(lambda v: flow.inverse_given(v, context))(u_heavy)
+            u = jnp.concatenate([u, u_heavy])
+            log_q = jnp.concatenate([log_r, _normal_log_prob(z_heavy) + log_det_inverse])
+            log_h = jnp.sum(jax.scipy.stats.t.logpdf((u - loc) / width, DEFENSIVE_DF)
+                            - jnp.log(width), axis=-1)
+            log_r = jnp.logaddexp(math.log1p(-share) + log_q, math.log(share) + log_h)
+        x, log_jf = jax.vmap(partial(_to_support, family))(u)
+        log_w = family.unnormalized_log_prob(eta, x) + log_jf - log_r
         return family.sufficient_statistics(x), log_w
 
     return jax.vmap(one_eta)(keys, etas)
@@ -572,7 +624,8 @@ def _estimates(stats: np.ndarray, log_w: np.ndarray) -> dict[str, Any]:
     dim = stats.shape[1]
     ok = np.isfinite(log_w) & np.all(np.isfinite(stats), axis=1)
     count = int(ok.sum())
-    out = {"dropped": stats.shape[0] - count, "num": count}
+    kept = count + int(np.sum(log_w == -np.inf))  # p(x) = 0: weight 0, kept, not dropped
+    out = {"dropped": stats.shape[0] - kept, "num": kept}
     if count < MIN_FINITE_DRAWS:
         nan = np.full(dim, np.nan)
         return {**out, "mean": nan, "cov": np.full((dim, dim), np.nan), "mcse": nan, "ess": 0.0,
@@ -590,11 +643,11 @@ def _estimates(stats: np.ndarray, log_w: np.ndarray) -> dict[str, Any]:
     centred = t - mean
     sum_w2 = float(w @ w)
     cov = (centred * w[:, None]).T @ centred / max(1.0 - sum_w2, 1e-12)
-    raw = np.exp(lw - lw.max())
+    raw = np.concatenate([np.exp(lw - lw.max()), np.zeros(kept - count)])
     return {**out, "mean": mean, "cov": 0.5 * (cov + cov.T),
             "mcse": np.sqrt((w**2) @ centred**2), "ess": 1.0 / sum_w2, "khat": float(khat),
-            "log_z": float(logsumexp(lw) - np.log(count)),
-            "log_z_mcse": float(raw.std() / (raw.mean() * np.sqrt(count)))}
+            "log_z": float(logsumexp(lw) - np.log(kept)),
+            "log_z_mcse": float(raw.std() / (raw.mean() * np.sqrt(kept)))}
 
 
 def importance_dataset(
@@ -605,14 +658,22 @@ def importance_dataset(
     key: Array,
     num_samples: int = 4000,
     max_khat: float = 0.7,
+    defensive: float = 0.2,
+    redo_with_nuts: bool | Mapping[str, Any] = False,
     chunk_size: int = 64,
     progress: bool = True,
 ) -> ExpectationDataset:
     """Importance-sampled E[T], Cov[T] and log Z per eta, with ArviZ's PSIS k-hat.
 
     For each eta (row of ``etas``, shape (N, stat_dim)), ``num_samples`` independent draws
-    x_s ~ q(. | eta) get log w_s = eta . T(x_s) + log h(x_s) - log q(x_s | eta); draws with a
-    non-finite log weight or T are dropped and counted. ``az.psislw`` gives the smoothed
+    x_s ~ r(. | eta) get log w_s = eta . T(x_s) + log h(x_s) - log r(x_s | eta); draws with a
+    non-finite log weight or T are dropped and counted. The proposal r is defensive (Hesterberg
+    1995) in the unconstrained coordinates u: r = (1 - a) q + a h, h a product of Student-t
+    (DEFENSIVE_DF) located at the flow's mean and DEFENSIVE_WIDTH times wider than the flow
+    (from DEFENSIVE_PILOT separate draws), with a fixed share a = ``defensive`` of the draws from
+    h (a = 0: r = q). h's polynomial tails keep w bounded where the flow's tails are lighter than
+    p's (x = exp(u) near 0 has density ~ e^u: an exponential tail in u), and in the bulk w grows
+    by at most 1 / (1 - a). Draws with p = 0 have weight 0 (kept). ``az.psislw`` gives the smoothed
     normalised weights w~ and k-hat; then mean = sum w~ T, cov = sum w~ (T - mean)(T - mean)^T
     / (1 - sum w~^2), mcse = sqrt(sum w~^2 (T - mean)^2) (delta method), ess = 1 / sum w~^2
     (= (sum w)^2 / sum w^2 for the smoothed w), log Z = log mean(w) with the raw weights.
@@ -624,12 +685,22 @@ def importance_dataset(
     k-hat is -inf where all log weights agree to EQUAL_LOG_WEIGHTS (q = p), and NaN (with raw
     weights, passed=False) where the Pareto fit degenerates. Point i uses ``fold_in(key, i)``, so
     results do not depend on ``chunk_size``.
+
+    ``redo_with_nuts`` (True, or a dict of :func:`generate_dataset` settings) re-does the points
+    that did not pass with NUTS (key ``fold_in(key, N)``) and puts its estimates and diagnostics
+    in their rows; ``extras["redone_with_nuts"]`` marks them (their k-hat stays the importance
+    one).
     """
     if sampler.family.name != family.name or sampler.family.stat_labels != family.stat_labels:
         raise ValueError(f"{sampler!r} is for {sampler.family.name}, not {family.name}")
     for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not 0.0 <= float(defensive) < 1.0:
+        raise ValueError(f"defensive must be in [0, 1), got {defensive!r}")
+    if not isinstance(redo_with_nuts, (bool, Mapping)):
+        raise ValueError("redo_with_nuts must be True, False or a dict of generate_dataset "
+                         f"settings, got {redo_with_nuts!r}")
     etas = sampler._eta(jnp.asarray(etas))
     if etas.ndim != 2:
         raise ValueError(f"etas must have shape (N, {family.stat_dim}), got {etas.shape}")
@@ -648,7 +719,7 @@ def importance_dataset(
         chunk_etas = jnp.concatenate([etas[lo:hi], jnp.repeat(etas[hi - 1:hi], pad, axis=0)])
         draws = _importance_draws(*sampler._arrays(etas.dtype), chunk_keys, chunk_etas,
                                   graphdef=sampler._graphdef, family=family,
-                                  num_samples=int(num_samples))
+                                  num_samples=int(num_samples), defensive=float(defensive))
         stats, log_w = (np.asarray(a, np.float64) for a in draws)
         results.extend(_estimates(stats[i], log_w[i]) for i in range(hi - lo))
         bar.update(hi - lo)
@@ -670,19 +741,32 @@ def importance_dataset(
     metadata = {
         "sampler": {"method": "importance", "architecture": sampler.architecture,
                     "flow": sampler.config_flow, "num_samples": int(num_samples),
-                    "max_khat": float(max_khat), "min_ess": 0.0, "max_rhat": 1.0},
+                    "max_khat": float(max_khat), "defensive": float(defensive),
+                    "defensive_df": DEFENSIVE_DF, "min_ess": 0.0, "max_rhat": 1.0},
         "key": np.asarray(jax.random.key_data(key)).tolist(),
         "package_version": package_version(),
         "family": family.describe(),
         "x64": bool(jax.config.jax_enable_x64),
     }
+    columns = {
+        "mean": mean, "cov": stack("cov"), "ess_bulk": ess, "ess_tail": ess.copy(),
+        "rhat": np.ones((n, dim)), "mcse": stack("mcse"), "divergences": np.zeros(n, np.int64),
+        "num_samples": stack("num").astype(np.int64), "retries": np.zeros(n, np.int64),
+        "passed": finite & (khat <= max_khat),
+    }
+    redone = np.zeros(n, bool)
+    if redo_with_nuts is not False and not columns["passed"].all():
+        redone = ~columns["passed"]
+        settings = {"progress": progress,
+                    **({} if redo_with_nuts is True else dict(redo_with_nuts))}
+        nuts = generate_dataset(family, np.asarray(etas)[redone],
+                                key=jax.random.fold_in(key, n), **settings)
+        for name, column in columns.items():
+            column[redone] = getattr(nuts, name)
+        metadata["redo_with_nuts"] = nuts.metadata["sampler"]
     return ExpectationDataset(
         family_name=family.name, stat_labels=tuple(family.stat_labels),
-        eta=np.asarray(etas, np.float64), mean=mean, cov=stack("cov"), ess_bulk=ess,
-        ess_tail=ess, rhat=np.ones((n, dim)), mcse=stack("mcse"),
-        divergences=np.zeros(n, np.int64), num_samples=stack("num").astype(np.int64),
-        retries=np.zeros(n, np.int64), passed=finite & (khat <= max_khat),
-        metadata=metadata,
+        eta=np.asarray(etas, np.float64), **columns, metadata=metadata,
         extras={"khat": khat, "log_z": stack("log_z"), "log_z_mcse": stack("log_z_mcse"),
-                "dropped": dropped},
+                "dropped": dropped, "redone_with_nuts": redone},
     )

@@ -158,16 +158,21 @@ def _broken_family():
         log_base_measure=lambda x: jnp.where(x > 0.5, jnp.nan, 0.0))
 
 
+def _identity_sampler(family, high=(1.0, -0.5)):
+    """An untrained flow is the identity: q(. | eta) = N(0, 1) at every eta."""
+    flow = build_conditional_flow("realnvp", 1, 2, rngs=nnx.Rngs(0), num_layers=1, hidden=(4,))
+    return nnef.FlowSampler(family, flow, np.zeros(2), np.ones(2), np.array([-1.0, -1.0]),
+                            np.asarray(high))
+
+
 def test_non_finite_draws_are_dropped_and_counted():
     family = _broken_family()
-    # an untrained flow is the identity: q(. | eta) = N(0, 1), P(x > 0.5) is known exactly
-    flow = build_conditional_flow("realnvp", 1, 2, rngs=nnx.Rngs(0), num_layers=1, hidden=(4,))
-    identity = nnef.FlowSampler(family, flow, np.zeros(2), np.ones(2), np.array([-1.0, -1.0]),
-                                np.array([1.0, -0.5]))
+    identity = _identity_sampler(family)  # q = N(0, 1): P(x > 0.5) is known exactly
     num = 4000
     with pytest.warns(RuntimeWarning, match="non-finite log weight"):
         data = nnef.importance_dataset(family, identity, np.array([[0.0, -0.5], [0.5, -1.0]]),
-                                       key=jax.random.key(0), num_samples=num, progress=False)
+                                       key=jax.random.key(0), num_samples=num, defensive=0.0,
+                                       progress=False)
     p = 0.5 * math.erfc(0.5 / math.sqrt(2.0))
     fraction = data.extras["dropped"] / num
     assert np.all(np.abs(fraction - p) < 5 * math.sqrt(p * (1 - p) / num))
@@ -190,3 +195,43 @@ def test_bad_arguments(family):
         nnef.train_flow_sampler(family, ([0.0, -1.0], [1.0, 1.0]), key=jax.random.key(0))
     with pytest.raises(ValueError, match="num_steps"):
         nnef.train_flow_sampler(family, BOX, key=jax.random.key(0), num_steps=0)
+
+
+def test_defensive_proposal_bounds_the_weights_of_a_too_narrow_flow(family):
+    """q = N(0, 1) against p = N(0.5, 4^2): p/q = exp(0.47 x^2 + ...) has a Pareto tail with
+    k = 0.94 (k-hat > 0.7) unless a heavy component joins the proposal; then the estimates match
+    the exact answers within their MCSE."""
+    narrow = _identity_sampler(family, high=(1.0, -0.02))
+    eta = np.array([[0.5 / 16.0, -1.0 / 32.0]])
+    exact = np.array([0.5, 16.25])  # E[x], E[x^2]
+    plain = nnef.importance_dataset(family, narrow, eta, key=jax.random.key(1),
+                                    num_samples=4000, defensive=0.0, progress=False)
+    assert plain.extras["khat"][0] > 0.7 and not plain.passed[0]
+    # what k-hat warns about: the plain estimate of E[x^2] is far off, by many of its own MCSE
+    assert abs(plain.mean[0, 1] - exact[1]) > 10 * plain.mcse[0, 1]
+    data = nnef.importance_dataset(family, narrow, eta, key=jax.random.key(1), num_samples=4000,
+                                   defensive=0.3, progress=False)
+    assert data.extras["khat"][0] < 0.7 and data.passed[0]
+    assert np.all(np.abs(data.mean[0] - exact) < 4 * data.mcse[0])
+    assert np.all(data.mcse[0] < [0.3, 2.0])
+    log_z = float(nnef.ExactOracle(family).log_partition(jnp.asarray(eta[0])))
+    assert abs(data.extras["log_z"][0] - log_z) < 4 * data.extras["log_z_mcse"][0]
+    assert data.metadata["sampler"]["defensive"] == 0.3
+    with pytest.raises(ValueError, match="defensive must be in"):
+        nnef.importance_dataset(family, narrow, eta, key=jax.random.key(0), defensive=1.0)
+
+
+def test_points_that_fail_are_redone_with_nuts(family):
+    narrow = _identity_sampler(family, high=(1.0, -0.02))
+    eta = np.array([[0.0, -0.5], [0.5 / 16.0, -1.0 / 32.0]])  # q = p at the first, too narrow
+    exact = np.array([[0.0, 1.0], [0.5, 16.25]])
+    nuts = {"num_chains": 2, "num_warmup": 300, "num_samples": 1000, "progress": False}
+    data = nnef.importance_dataset(family, narrow, eta, key=jax.random.key(0), num_samples=2000,
+                                   defensive=0.0, redo_with_nuts=nuts, progress=False)
+    np.testing.assert_array_equal(data.extras["redone_with_nuts"], [False, True])
+    assert data.extras["khat"][1] > 0.7  # the importance diagnostic stays
+    assert data.passed[1] and data.rhat[1].max() != 1.0  # NUTS's diagnostics, not importance's
+    assert np.all(np.abs(data.mean - exact) < 4 * data.mcse + 1e-12)
+    assert data.metadata["redo_with_nuts"]["num_samples"] == 1000
+    with pytest.raises(ValueError, match="redo_with_nuts must be"):
+        nnef.importance_dataset(family, narrow, eta, key=jax.random.key(0), redo_with_nuts="yes")

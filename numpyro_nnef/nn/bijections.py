@@ -56,6 +56,7 @@ __all__ = [
     "GlowFlow",
     "IAFFlow",
     "InvertibleLinear",
+    "Layer",
     "MAFFlow",
     "NSFFlow",
     "RealNVPFlow",
@@ -82,22 +83,42 @@ def _soft_clamp(raw: Array, bound: float) -> Array:
 
 
 class Conditioner(nnx.Module):
-    """MLP [y, c] -> R^dout with a zero-initialised read-out (the layer starts as identity)."""
+    """MLP [y, c] -> R^dout (y of size din_y, c of size cond_dim) with a zero-initialised
+    read-out (the layer starts as identity).
 
-    def __init__(self, din: int, dout: int, hidden: Sequence[int], activation: str, *,
-                 rngs: nnx.Rngs):
-        sizes = [din, *hidden]
+    The first layer splits as W [y; c] + b = W_y y + (W_c c + b): ``context(c)`` is the part
+    computed once per condition, ``apply(y, context)`` the part computed per draw.
+    """
+
+    def __init__(self, din_y: int, cond_dim: int, dout: int, hidden: Sequence[int],
+                 activation: str, *, rngs: nnx.Rngs):
+        sizes = [din_y + cond_dim, *hidden]
+        self.din_y = int(din_y)
         self.hidden = nnx.List([nnx.Linear(a, b, param_dtype=_float(), rngs=rngs)
                                 for a, b in zip(sizes[:-1], sizes[1:], strict=True)])
         self.readout = nnx.Linear(sizes[-1], dout, param_dtype=_float(), rngs=rngs,
                                   kernel_init=nnx.initializers.zeros_init())
         self.activation = activation
 
-    def __call__(self, h: Array) -> Array:
+    def _linears(self) -> list[nnx.Linear]:
+        return [*self.hidden, self.readout]
+
+    def context(self, c: Array) -> Array:
+        """W_c c + b of the first layer."""
+        first = self._linears()[0]
+        return c @ first.kernel[...][self.din_y:] + first.bias[...]
+
+    def apply(self, y: Array, context: Array) -> Array:
+        """The network's output from y and ``context(c)``."""
         act = get_activation(self.activation)
-        for layer in self.hidden:
-            h = act(layer(h))
-        return self.readout(h)
+        linears = self._linears()
+        h = context if self.din_y == 0 else y @ linears[0].kernel[...][:self.din_y] + context
+        for layer in linears[1:]:
+            h = layer(act(h))
+        return h
+
+    def __call__(self, y: Array, c: Array) -> Array:
+        return self.apply(y, self.context(c))
 
 
 def _made_masks(dim: int, hidden: Sequence[int], params_per_dim: int) -> list[np.ndarray]:
@@ -133,40 +154,67 @@ class MADE(nnx.Module):
         first = hidden[0] if hidden else dim * params_per_dim
         self.cond = nnx.Linear(cond_dim, first, use_bias=False, param_dtype=_float(), rngs=rngs)
 
-    def __call__(self, y: Array, c: Array) -> Array:
+    def context(self, c: Array) -> Array:
+        """The first layer's conditional part W_c c + b_0 (computed once per condition)."""
+        return self.cond(c) + self.biases[0][...]
+
+    def apply(self, y: Array, context: Array) -> Array:
+        """The (dim, params_per_dim) outputs from y and ``context(c)``."""
         act = get_activation(self.activation)
         masks = _made_masks(self.dim, self.hidden_sizes, self.params_per_dim)
-        h = y
-        for i, (kernel, bias, mask) in enumerate(zip(self.kernels, self.biases, masks,
-                                                     strict=True)):
-            h = h @ (kernel[...] * mask.astype(h.dtype)) + bias[...]
-            if i == 0:
-                h = h + self.cond(c)
-            if i < len(masks) - 1:
-                h = act(h)
+        h = y @ (self.kernels[0][...] * masks[0].astype(y.dtype)) + context
+        for kernel, bias, mask in zip(self.kernels[1:], self.biases[1:], masks[1:],
+                                      strict=True):
+            h = act(h) @ (kernel[...] * mask.astype(h.dtype)) + bias[...]
         return h.reshape(self.dim, self.params_per_dim)
+
+    def __call__(self, y: Array, c: Array) -> Array:
+        return self.apply(y, self.context(c))
 
 
 # ----------------------------------------------------------------------------- layers
 
 
-class ConditionalAffine(nnx.Module):
+class Layer(nnx.Module):
+    """A conditional bijection split in two: ``condition(c)`` computes what depends on c only
+    (once per condition), ``forward_given`` / ``inverse_given`` the rest (per draw), so that many
+    draws at one condition share the conditioner work. ``forward(z, c)`` composes the two."""
+
+    def condition(self, c: Array) -> Any:
+        return ()
+
+    def forward_given(self, z: Array, context: Any) -> tuple[Array, Array]:
+        raise NotImplementedError
+
+    def inverse_given(self, x: Array, context: Any) -> tuple[Array, Array]:
+        raise NotImplementedError
+
+    def forward(self, z: Array, c: Array) -> tuple[Array, Array]:
+        """(x, log|det dx/dz|)."""
+        return self.forward_given(z, self.condition(c))
+
+    def inverse(self, x: Array, c: Array) -> tuple[Array, Array]:
+        """(z, log|det dz/dx|)."""
+        return self.inverse_given(x, self.condition(c))
+
+
+class ConditionalAffine(Layer):
     """x = loc(c) + exp(s(c)) * z elementwise; log|det| = sum s."""
 
     def __init__(self, dim: int, cond_dim: int, hidden: Sequence[int], activation: str, *,
                  rngs: nnx.Rngs):
-        self.net = Conditioner(cond_dim, 2 * dim, hidden, activation, rngs=rngs)
+        self.net = Conditioner(0, cond_dim, 2 * dim, hidden, activation, rngs=rngs)
 
-    def _params(self, c: Array) -> tuple[Array, Array]:
-        loc, raw = jnp.split(self.net(c), 2)
+    def condition(self, c: Array) -> tuple[Array, Array]:
+        loc, raw = jnp.split(self.net(jnp.zeros(0, c.dtype), c), 2)
         return loc, _soft_clamp(raw, OUTPUT_SCALE_CLAMP)
 
-    def forward(self, z: Array, c: Array) -> tuple[Array, Array]:
-        loc, s = self._params(c)
+    def forward_given(self, z: Array, context: tuple[Array, Array]) -> tuple[Array, Array]:
+        loc, s = context
         return loc + jnp.exp(s) * z, jnp.sum(s)
 
-    def inverse(self, x: Array, c: Array) -> tuple[Array, Array]:
-        loc, s = self._params(c)
+    def inverse_given(self, x: Array, context: tuple[Array, Array]) -> tuple[Array, Array]:
+        loc, s = context
         return (x - loc) * jnp.exp(-s), -jnp.sum(s)
 
 
@@ -177,30 +225,54 @@ def _coupling_mask(dim: int, parity: int) -> np.ndarray:
     return (np.arange(dim) + parity) % 2 == 1
 
 
-class AffineCoupling(nnx.Module):
+class _Coupling(Layer):
+    """theta = NN(y_A, c) with y_A = y outside the transformed set B (zeros on B). For dim = 1,
+    A is empty and theta depends on c only, so ``condition`` computes theta itself."""
+
+    def __init__(self, dim: int, cond_dim: int, parity: int, dout: int, hidden: Sequence[int],
+                 activation: str, *, rngs: nnx.Rngs):
+        self.dim, self.parity = dim, parity
+        self.net = Conditioner(dim, cond_dim, dout, hidden, activation, rngs=rngs)
+
+    def _mask(self) -> Array:
+        return jnp.asarray(_coupling_mask(self.dim, self.parity))
+
+    def condition(self, c: Array) -> Array:
+        context = self.net.context(c)
+        if self.dim == 1:
+            return self.net.apply(jnp.zeros(1, c.dtype), context)
+        return context
+
+    def _theta(self, y: Array, context: Array) -> Array:
+        if self.dim == 1:
+            return context
+        return self.net.apply(jnp.where(self._mask(), 0.0, y), context)
+
+
+class AffineCoupling(_Coupling):
     """x_B = z_B * exp(s) + t, x_A = z_A, with (s, t) = NN(z_A, c) (B = transformed set)."""
 
     def __init__(self, dim: int, cond_dim: int, parity: int, hidden: Sequence[int],
                  activation: str, scale_clamp: float, *, rngs: nnx.Rngs):
-        self.dim, self.parity, self.scale_clamp = dim, parity, float(scale_clamp)
-        self.net = Conditioner(dim + cond_dim, 2 * dim, hidden, activation, rngs=rngs)
+        super().__init__(dim, cond_dim, parity, 2 * dim, hidden, activation, rngs=rngs)
+        self.scale_clamp = float(scale_clamp)
 
-    def _params(self, y: Array, c: Array) -> tuple[Array, Array, Array]:
-        mask = jnp.asarray(_coupling_mask(self.dim, self.parity))
-        shift, raw = jnp.split(self.net(jnp.concatenate([jnp.where(mask, 0.0, y), c])), 2)
-        s = jnp.where(mask, _soft_clamp(raw, self.scale_clamp), 0.0)
-        return mask, jnp.where(mask, shift, 0.0), s
+    def _params(self, y: Array, context: Array) -> tuple[Array, Array]:
+        mask = self._mask()
+        shift, raw = jnp.split(self._theta(y, context), 2)
+        return jnp.where(mask, shift, 0.0), jnp.where(mask, _soft_clamp(raw, self.scale_clamp),
+                                                      0.0)
 
-    def forward(self, z: Array, c: Array) -> tuple[Array, Array]:
-        _, shift, s = self._params(z, c)
+    def forward_given(self, z: Array, context: Array) -> tuple[Array, Array]:
+        shift, s = self._params(z, context)
         return z * jnp.exp(s) + shift, jnp.sum(s)
 
-    def inverse(self, x: Array, c: Array) -> tuple[Array, Array]:
-        _, shift, s = self._params(x, c)
+    def inverse_given(self, x: Array, context: Array) -> tuple[Array, Array]:
+        shift, s = self._params(x, context)
         return (x - shift) * jnp.exp(-s), -jnp.sum(s)
 
 
-class Autoregressive(nnx.Module):
+class Autoregressive(Layer):
     """Affine autoregressive layer with a MADE conditioner, (m_i, s_i) = MADE(y_<i, c).
 
     ``inverse_autoregressive=False`` (MAF): z_i = (x_i - m_i(x_<i)) exp(-s_i), one pass for the
@@ -214,50 +286,57 @@ class Autoregressive(nnx.Module):
         self.inverse_autoregressive = bool(inverse_autoregressive)
         self.made = MADE(dim, cond_dim, 2, hidden, activation, rngs=rngs)
 
-    def _params(self, y: Array, c: Array) -> tuple[Array, Array]:
-        out = self.made(y, c)
+    def condition(self, c: Array) -> Array:
+        """MADE's conditional part; for dim = 1 the outputs themselves (they see only c)."""
+        context = self.made.context(c)
+        if self.dim == 1:
+            return self.made.apply(jnp.zeros(1, c.dtype), context)
+        return context
+
+    def _params(self, y: Array, context: Array) -> tuple[Array, Array]:
+        out = context if self.dim == 1 else self.made.apply(y, context)
         return out[:, 0], _soft_clamp(out[:, 1], self.scale_clamp)
 
-    def _one_pass(self, y: Array, c: Array, sign: float) -> tuple[Array, Array]:
+    def _one_pass(self, y: Array, context: Array, sign: float) -> tuple[Array, Array]:
         """sign = +1: y -> y exp(s) + m; sign = -1: y -> (y - m) exp(-s); params from y."""
-        m, s = self._params(y, c)
+        m, s = self._params(y, context)
         out = y * jnp.exp(s) + m if sign > 0 else (y - m) * jnp.exp(-s)
         return out, sign * jnp.sum(s)
 
-    def _sequential(self, y: Array, c: Array, sign: float) -> tuple[Array, Array]:
+    def _sequential(self, y: Array, context: Array, sign: float) -> tuple[Array, Array]:
         """Solve out = map(y; params(out)) coordinate by coordinate: after pass i the first i
         coordinates are exact (dim passes)."""
 
         def one_pass(_, carry):
             out, _ = carry
-            m, s = self._params(out, c)
+            m, s = self._params(out, context)
             return (y * jnp.exp(s) + m if sign > 0 else (y - m) * jnp.exp(-s)), s
 
         out, s = jax.lax.fori_loop(0, self.dim, one_pass, (jnp.zeros_like(y), jnp.zeros_like(y)))
         return out, sign * jnp.sum(s)
 
-    def forward(self, z: Array, c: Array) -> tuple[Array, Array]:
+    def forward_given(self, z: Array, context: Array) -> tuple[Array, Array]:
         if self.inverse_autoregressive:
-            return self._one_pass(z, c, +1.0)
-        return self._sequential(z, c, +1.0)
+            return self._one_pass(z, context, +1.0)
+        return self._sequential(z, context, +1.0)
 
-    def inverse(self, x: Array, c: Array) -> tuple[Array, Array]:
+    def inverse_given(self, x: Array, context: Array) -> tuple[Array, Array]:
         if self.inverse_autoregressive:
-            return self._sequential(x, c, -1.0)
-        return self._one_pass(x, c, -1.0)
+            return self._sequential(x, context, -1.0)
+        return self._one_pass(x, context, -1.0)
 
 
-class Reverse(nnx.Module):
+class Reverse(Layer):
     """x = z[::-1]; log|det| = 0."""
 
-    def forward(self, z: Array, c: Array) -> tuple[Array, Array]:
+    def forward_given(self, z: Array, context: Any) -> tuple[Array, Array]:
         return z[::-1], jnp.zeros((), z.dtype)
 
-    def inverse(self, x: Array, c: Array) -> tuple[Array, Array]:
+    def inverse_given(self, x: Array, context: Any) -> tuple[Array, Array]:
         return x[::-1], jnp.zeros((), x.dtype)
 
 
-class ActNorm(nnx.Module):
+class ActNorm(Layer):
     """x = z * exp(log_scale) + bias; :meth:`initialize` sets both from a batch so that the
     outputs have zero mean and unit variance per coordinate (data-dependent initialisation)."""
 
@@ -272,15 +351,15 @@ class ActNorm(nnx.Module):
         self.log_scale[...] = (-jnp.log(std)).astype(self.log_scale[...].dtype)
         self.bias[...] = (-mean / std).astype(self.bias[...].dtype)
 
-    def forward(self, z: Array, c: Array) -> tuple[Array, Array]:
+    def forward_given(self, z: Array, context: Any) -> tuple[Array, Array]:
         return z * jnp.exp(self.log_scale[...]) + self.bias[...], jnp.sum(self.log_scale[...])
 
-    def inverse(self, x: Array, c: Array) -> tuple[Array, Array]:
+    def inverse_given(self, x: Array, context: Any) -> tuple[Array, Array]:
         log_scale = self.log_scale[...]
         return (x - self.bias[...]) * jnp.exp(-log_scale), -jnp.sum(log_scale)
 
 
-class InvertibleLinear(nnx.Module):
+class InvertibleLinear(Layer):
     """x = W z with W = P L (U + diag(exp(log_s))): P the reversal, L unit lower triangular,
     U strictly upper triangular; log|det W| = sum log_s. Starts at W = P."""
 
@@ -295,11 +374,11 @@ class InvertibleLinear(nnx.Module):
         upper = jnp.triu(self.upper[...], 1) + jnp.diag(jnp.exp(self.log_s[...]))
         return lower, upper
 
-    def forward(self, z: Array, c: Array) -> tuple[Array, Array]:
+    def forward_given(self, z: Array, context: Any) -> tuple[Array, Array]:
         lower, upper = self._factors()
         return (lower @ (upper @ z))[::-1], jnp.sum(self.log_s[...])
 
-    def inverse(self, x: Array, c: Array) -> tuple[Array, Array]:
+    def inverse_given(self, x: Array, context: Any) -> tuple[Array, Array]:
         lower, upper = self._factors()
         a = solve_triangular(lower, x[::-1], lower=True, unit_diagonal=True)
         return solve_triangular(upper, a, lower=False), -jnp.sum(self.log_s[...])
@@ -385,23 +464,22 @@ def rational_quadratic_spline(
     return jnp.where(inside, out, inputs), jnp.where(inside, log_det, 0.0)
 
 
-class SplineCoupling(nnx.Module):
+class SplineCoupling(_Coupling):
     """x_B = RQS(z_B; theta), x_A = z_A, theta = NN(z_A, c): K widths, K heights, K - 1 inner
     derivatives per transformed coordinate."""
 
     def __init__(self, dim: int, cond_dim: int, parity: int, hidden: Sequence[int],
                  activation: str, *, num_bins: int, tail_bound: float, min_bin_width: float,
                  min_bin_height: float, min_derivative: float, rngs: nnx.Rngs):
-        self.dim, self.parity, self.num_bins = dim, parity, int(num_bins)
+        super().__init__(dim, cond_dim, parity, dim * (3 * num_bins - 1), hidden, activation,
+                         rngs=rngs)
+        self.num_bins = int(num_bins)
         self.spline_options = (float(tail_bound), float(min_bin_width), float(min_bin_height),
                                float(min_derivative))
-        self.net = Conditioner(dim + cond_dim, dim * (3 * num_bins - 1), hidden, activation,
-                               rngs=rngs)
 
-    def _apply(self, y: Array, c: Array, inverse: bool) -> tuple[Array, Array]:
-        mask = jnp.asarray(_coupling_mask(self.dim, self.parity))
-        theta = self.net(jnp.concatenate([jnp.where(mask, 0.0, y), c]))
-        theta = theta.reshape(self.dim, 3 * self.num_bins - 1)
+    def _apply(self, y: Array, context: Array, inverse: bool) -> tuple[Array, Array]:
+        mask = self._mask()
+        theta = self._theta(y, context).reshape(self.dim, 3 * self.num_bins - 1)
         k = self.num_bins
         bound, min_w, min_h, min_d = self.spline_options
         out, log_det = rational_quadratic_spline(
@@ -410,11 +488,11 @@ class SplineCoupling(nnx.Module):
         )
         return jnp.where(mask, out, y), jnp.sum(jnp.where(mask, log_det, 0.0))
 
-    def forward(self, z: Array, c: Array) -> tuple[Array, Array]:
-        return self._apply(z, c, inverse=False)
+    def forward_given(self, z: Array, context: Array) -> tuple[Array, Array]:
+        return self._apply(z, context, inverse=False)
 
-    def inverse(self, x: Array, c: Array) -> tuple[Array, Array]:
-        return self._apply(x, c, inverse=True)
+    def inverse_given(self, x: Array, context: Array) -> tuple[Array, Array]:
+        return self._apply(x, context, inverse=True)
 
 
 # ----------------------------------------------------------------------------- flows
@@ -440,30 +518,49 @@ class ConditionalFlow(ConfiguredModule):
     def _layers(self, *, rngs: nnx.Rngs, **hyperparameters: Any) -> list[nnx.Module]:
         raise NotImplementedError
 
-    def _check(self, y: Array, c: Array) -> None:
-        if y.shape != (self.dim,) or c.shape != (self.cond_dim,):
+    def _check(self, y: Array | None, c: Array | None) -> None:
+        """One example: y of shape (dim,) and c of shape (cond_dim,) (None: not given)."""
+        if (y is not None and y.shape != (self.dim,)) or (
+                c is not None and c.shape != (self.cond_dim,)):
+            got = " and ".join(str(None if a is None else a.shape) for a in (y, c))
             raise ValueError(
                 f"{self.name}: expects one example, shapes ({self.dim},) and ({self.cond_dim},); "
-                f"got {y.shape} and {c.shape} (vmap over batches)"
+                f"got {got} (vmap over batches)"
             )
+
+    def condition(self, c: Array) -> tuple[Any, ...]:
+        """Every layer's c-only part for one condition c (cond_dim,): compute it once and pass
+        it to :meth:`forward_given` / :meth:`inverse_given` for many draws at that condition."""
+        self._check(None, c)
+        return tuple(layer.condition(c) for layer in self.layers)
+
+    def forward_given(self, z: Array, context: tuple[Any, ...]) -> tuple[Array, Array]:
+        """(x, log|det dx/dz|) for one z (dim,) and ``context = condition(c)``."""
+        self._check(z, None)
+        total = jnp.zeros((), z.dtype)
+        for layer, part in zip(self.layers, context, strict=True):
+            z, log_det = layer.forward_given(z, part)
+            total = total + log_det
+        return z, total
+
+    def inverse_given(self, x: Array, context: tuple[Any, ...]) -> tuple[Array, Array]:
+        """(z, log|det dz/dx|) for one x (dim,) and ``context = condition(c)``."""
+        self._check(x, None)
+        total = jnp.zeros((), x.dtype)
+        for layer, part in zip(reversed(self.layers), reversed(context), strict=True):
+            x, log_det = layer.inverse_given(x, part)
+            total = total + log_det
+        return x, total
 
     def forward(self, z: Array, c: Array) -> tuple[Array, Array]:
         """(x, log|det dx/dz|) for one z (dim,) and condition c (cond_dim,)."""
         self._check(z, c)
-        total = jnp.zeros((), jnp.result_type(z.dtype, c.dtype))
-        for layer in self.layers:
-            z, log_det = layer.forward(z, c)
-            total = total + log_det
-        return z, total
+        return self.forward_given(z, self.condition(c))
 
     def inverse(self, x: Array, c: Array) -> tuple[Array, Array]:
         """(z, log|det dz/dx|) for one x (dim,) and condition c (cond_dim,)."""
         self._check(x, c)
-        total = jnp.zeros((), jnp.result_type(x.dtype, c.dtype))
-        for layer in reversed(self.layers):
-            x, log_det = layer.inverse(x, c)
-            total = total + log_det
-        return x, total
+        return self.inverse_given(x, self.condition(c))
 
     def initialize(self, z: Array, c: Array) -> None:
         """Data-dependent initialisation: push a batch z (n, dim), c (n, cond_dim) forward and
