@@ -373,6 +373,37 @@ def _eta_pool(family: ExponentialFamily, etas_or_box: Any, key: Array
     return pool, pool.min(0), pool.max(0), {"etas": {"num": len(pool), "sha256": digest}}
 
 
+def _forward_pairs(family: ExponentialFamily, forward_draws: Any, dtype: Any
+                   ) -> tuple[tuple[Array, Array], dict[str, Any]]:
+    """((etas (m, stat_dim), unconstrained draws (m, d)), a JSON description) of the (eta, x)
+    pairs in ``forward_draws = (etas (n, stat_dim), x (S, n) + event_shape)``."""
+    transform = support_transform(family)
+    d = math.prod(transform.inverse_shape(family.event_shape))
+    if forward_draws is None:  # placeholders of the right shapes; the term is skipped
+        return (jnp.zeros((1, family.stat_dim), dtype), jnp.zeros((1, d), dtype)), {}
+    if not isinstance(forward_draws, (tuple, list)) or len(forward_draws) != 2:
+        raise ValueError("forward_draws must be a pair (etas, x) with x of shape "
+                         "(S, n) + event_shape for etas of shape (n, stat_dim)")
+    etas = np.asarray(forward_draws[0], np.float64)
+    x = np.asarray(forward_draws[1], np.float64)
+    event = tuple(family.event_shape)
+    if etas.ndim != 2 or etas.shape[1] != family.stat_dim or x.ndim != 2 + len(event) or (
+            x.shape[1:] != (etas.shape[0],) + event):
+        raise ValueError(f"forward_draws: etas must have shape (n, {family.stat_dim}) and x "
+                         f"shape (S, n) + {event}; got {etas.shape} and {x.shape}")
+    family.validate_natural(jnp.asarray(etas))
+    u = np.asarray(transform.inv(jnp.asarray(x)), np.float64).reshape(x.shape[0] * x.shape[1], d)
+    bad = int(np.sum(~np.all(np.isfinite(u), axis=1)))
+    if bad:
+        raise ValueError(f"forward_draws: {bad} draws are outside the support of {family.name} "
+                         "(or not finite)")
+    pair_etas = np.broadcast_to(etas, (x.shape[0],) + etas.shape).reshape(-1, family.stat_dim)
+    digest = hashlib.sha256(np.ascontiguousarray(etas).tobytes()
+                            + np.ascontiguousarray(x).tobytes()).hexdigest()
+    return ((jnp.asarray(pair_etas, dtype), jnp.asarray(u, dtype)),
+            {"num_pairs": int(u.shape[0]), "sha256": digest})
+
+
 def _safe_std(a: np.ndarray) -> np.ndarray:
     std = a.std(0)
     return np.where(std > 1e-12 * (1.0 + np.abs(a).max(0)), std, 1.0)
@@ -408,17 +439,47 @@ def _reverse_kl(params, rest, pool, shift, scale, key, *, graphdef, family, batc
     return jnp.sum(jnp.where(finite, values, 0.0)) / jnp.maximum(count, 1), batch_size - count
 
 
-@partial(jax.jit, static_argnames=("graphdef", "family", "batch_size", "optimizer"))
-def _train_steps(params, rest, opt_state, pool, shift, scale, key, indices, *, graphdef, family,
-                 batch_size, optimizer):
+def _forward_kl(params, rest, forward, shift, scale, key, *, graphdef, batch_size):
+    """Mean over finite values of -log q_u(u | eta) for ``batch_size`` (eta, u) pairs drawn from
+    ``forward`` = (etas (m, stat_dim), unconstrained draws of p (m, d)); = KL(p || q) + const."""
+    etas, us = forward
+    index = jax.random.randint(key, (batch_size,), 0, etas.shape[0])
+    flow = nnx.merge(graphdef, params, rest)
+
+    def one(u_i, eta_i):
+        z, log_det = flow.inverse(u_i, (eta_i - shift) / scale)
+        return -(_normal_log_prob(z) + log_det)
+
+    values = jax.vmap(one)(us[index], etas[index])
+    finite = jnp.isfinite(values)
+    return jnp.sum(jnp.where(finite, values, 0.0)) / jnp.maximum(jnp.sum(finite), 1)
+
+
+def _loss(params, rest, pool, forward, shift, scale, key, *, graphdef, family, batch_size,
+          forward_weight):
+    """(reverse KL term + forward_weight * forward KL term, draws dropped)."""
+    loss, dropped = _reverse_kl(params, rest, pool, shift, scale, key, graphdef=graphdef,
+                                family=family, batch_size=batch_size)
+    if forward_weight:
+        loss = loss + forward_weight * _forward_kl(
+            params, rest, forward, shift, scale, jax.random.fold_in(key, 1), graphdef=graphdef,
+            batch_size=batch_size)
+    return loss, dropped
+
+
+@partial(jax.jit, static_argnames=("graphdef", "family", "batch_size", "optimizer",
+                                   "forward_weight"))
+def _train_steps(params, rest, opt_state, pool, forward, shift, scale, key, indices, *, graphdef,
+                 family, batch_size, optimizer, forward_weight):
     """Adam steps ``indices`` (step i uses fold_in(key, i)); (params, opt_state, mean finite
     loss, draws dropped)."""
-    loss_fn = partial(_reverse_kl, graphdef=graphdef, family=family, batch_size=batch_size)
+    loss_fn = partial(_loss, graphdef=graphdef, family=family, batch_size=batch_size,
+                      forward_weight=forward_weight)
 
     def step(carry, index):
         p, o = carry
         (loss, dropped), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            p, rest, pool, shift, scale, jax.random.fold_in(key, index))
+            p, rest, pool, forward, shift, scale, jax.random.fold_in(key, index))
         updates, o = optimizer.update(grads, o, p)
         return (optax.apply_updates(p, updates), o), (loss, dropped)
 
@@ -442,8 +503,11 @@ def train_flow_sampler(
     checkpoint_every: int = 500,
     progress: bool = True,
     out_of_range: str = "warn",
+    forward_draws: tuple[Array, Array] | None = None,
+    forward_weight: float = 1.0,
 ) -> FlowSampler:
-    """Fit q(x | eta) by reverse KL against h(x) exp(eta . T(x)) (no samples of p needed).
+    """Fit q(x | eta) by reverse KL against h(x) exp(eta . T(x)) (no samples of p needed),
+    optionally plus forward KL on draws of p.
 
     ``etas_or_box``: training etas (an array (n, stat_dim)), or a box given as a tuple
     ``(low, high)`` or a dict ``{"low", "high", "scale"}`` as in :func:`sample_etas` (ETA_POOL_SIZE
@@ -457,11 +521,20 @@ def train_flow_sampler(
     same result as an uninterrupted run; the directory also loads with :func:`load_flow_sampler`.
     ``hyperparameters`` go to the flow (``FLOW_SAMPLER_ARCHITECTURES[architecture].defaults``);
     ``out_of_range`` ("warn", "error", "ignore") is the returned sampler's policy.
+
+    ``forward_draws = (etas, x)``: draws of p, e.g. NUTS's
+    ``x = sample_family(family, etas, key=..., sample_shape=(S,))`` with x of shape
+    ``(S, n) + event_shape`` for etas (n, stat_dim). Each step then also takes ``batch_size``
+    of these (eta, x) pairs and adds ``forward_weight`` * mean[-log q_u(u | eta)] (u = f^{-1}(x);
+    the forward KL KL(p || q) up to a constant), which is mass covering where reverse KL is mode
+    seeking: it pulls q's tails out to where p has mass. The reported loss is the sum.
     """
     for name, value in (("num_steps", num_steps), ("batch_size", batch_size),
                         ("checkpoint_every", checkpoint_every)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (math.isfinite(forward_weight) and forward_weight > 0):
+        raise ValueError(f"forward_weight must be a positive number, got {forward_weight!r}")
     key = as_key(key)
     k_pool, k_init, k_data, k_train = jax.random.split(key, 4)
     # ValueError for a discrete support
@@ -480,9 +553,11 @@ def train_flow_sampler(
     graphdef, params, rest = nnx.split(flow, nnx.Param, ...)
     optimizer = _optimizer(float(learning_rate), int(num_steps))
     opt_state = optimizer.init(params)
-    arrays = (pool_j, jnp.asarray(shift, dtype), jnp.asarray(scale, dtype), k_train)
+    forward, forward_spec = _forward_pairs(family, forward_draws, dtype)
+    weight = float(forward_weight) if forward_draws is not None else 0.0
+    arrays = (pool_j, forward, jnp.asarray(shift, dtype), jnp.asarray(scale, dtype), k_train)
     statics = {"graphdef": graphdef, "family": family, "batch_size": int(batch_size),
-               "optimizer": optimizer}
+               "optimizer": optimizer, "forward_weight": weight}
 
     every = -(-int(checkpoint_every) // STEPS_PER_CALL) * STEPS_PER_CALL
     settings = {
@@ -490,6 +565,7 @@ def train_flow_sampler(
         "key": np.asarray(jax.random.key_data(key)).tolist(), "num_steps": int(num_steps),
         "batch_size": int(batch_size), "learning_rate": float(learning_rate),
         "x64": bool(jax.config.jax_enable_x64),
+        **({"forward": {**forward_spec, "weight": weight}} if weight else {}),
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     history: dict[str, list[float]] = {"step": [], "loss": []}

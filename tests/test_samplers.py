@@ -235,3 +235,25 @@ def test_points_that_fail_are_redone_with_nuts(family):
     assert data.metadata["redo_with_nuts"]["num_samples"] == 1000
     with pytest.raises(ValueError, match="redo_with_nuts must be"):
         nnef.importance_dataset(family, narrow, eta, key=jax.random.key(0), redo_with_nuts="yes")
+
+
+def test_forward_kl_pulls_q_to_the_given_draws(family):
+    """Reverse KL + w * forward KL on draws of p shifted by +1: for Gaussian q and p of the
+    same sd the optimum mean is mu + w / (1 + w), 0.95 for w = 20 (0 without the draws)."""
+    etas = nnef.sample_etas(family, key=jax.random.key(3), low=BOX[0], high=BOX[1], num=64)
+    moments = np.asarray(nnef.ExactOracle(family).mean(jnp.asarray(etas)))
+    mu, sd = moments[:, 0], np.sqrt(moments[:, 1] - moments[:, 0] ** 2)
+    z = np.asarray(jax.random.normal(jax.random.key(4), (100, 64)))
+    pulled = nnef.train_flow_sampler(family, BOX, key=jax.random.key(0),
+                                     forward_draws=(etas, mu + 1.0 + sd * z), forward_weight=20.0,
+                                     **SETTINGS)
+    x = np.asarray(pulled.sample(jax.random.key(5), jnp.asarray(etas), (2000,)))
+    shift = float(np.mean(x.mean(0) - mu))
+    assert 0.8 < shift < 1.05, shift
+    recorded = pulled.metadata["training"]["forward"]
+    assert recorded["num_pairs"] == 6400 and recorded["weight"] == 20.0
+    with pytest.raises(ValueError, match="x shape"):
+        nnef.train_flow_sampler(family, BOX, key=jax.random.key(0), forward_draws=(etas, z[:, :5]))
+    with pytest.raises(ValueError, match="forward_weight"):
+        nnef.train_flow_sampler(family, BOX, key=jax.random.key(0),
+                                forward_draws=(etas, z), forward_weight=0.0)
