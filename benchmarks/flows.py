@@ -489,7 +489,7 @@ def markdown(rows: dict, config: dict, labels: list[str], archs: list[str], vers
             k = eq["khat"]
             inc = training_included(r, nuts)
             inc_cell = (f"{fmt(inc['nrmse'] / nuts['nrmse'])} ({inc['num_samples']})"
-                        if inc else "- (training > NUTS time)")
+                        if inc else f"- (training + {CALIBRATION[0]} draws/eta > NUTS time)")
             nrmse_eq = fmt(eq["nrmse"]) + (f" ({eq['no_estimate']} no estimate)"
                                            if eq["no_estimate"] else "")
             text.append(
@@ -522,7 +522,8 @@ def markdown(rows: dict, config: dict, labels: list[str], archs: list[str], vers
             f"({frac:.1%}) | {pass_miss(ratio <= GOAL_RMSE_RATIO)} ({fmt(ratio)}, S_eq "
             f"{eq['num_samples']}) | {pass_miss(inc_ratio <= GOAL_RMSE_RATIO)} "
             + (f"({fmt(inc_ratio)}, S {inc['num_samples']})" if inc else
-               f"(training {best['train_s']:.0f} s > NUTS {nuts['seconds']:.0f} s; break-even "
+               f"(training {best['train_s']:.0f} s + {CALIBRATION[0]} draws/eta > NUTS "
+               f"{nuts['seconds']:.0f} s; break-even "
                f"N {fmt(break_even(best, nuts), '.0f')})")
             + f" | {pass_miss(speed >= GOAL_SPEEDUP)} ({speed:.3g}; "
             f"{fmt(best['few_draws_per_s'] / nuts['few_draws_per_s'])} at "
