@@ -494,7 +494,7 @@ def train_flow_sampler(
     etas_or_box: Any,
     *,
     key: Array,
-    architecture: str = "nsf",
+    architecture: str = "realnvp",
     hyperparameters: dict[str, Any] | None = None,
     num_steps: int = 2000,
     batch_size: int = 256,
