@@ -4,7 +4,7 @@ from . import families
 from .dataset import ExpectationDataset
 from .distribution import EFDistribution
 from .family import ExponentialFamily, NaturalDomain, OutOfDomainError, whole_space
-from .infer import CAVI, CAVIGuide, NonConjugateError, analyse_model
+from .infer import CAVI, CAVIGuide, CAVIResult, ELBOCheck, NonConjugateError, analyse_model
 from .oracles import (
     ExactOracle,
     LogPartitionEstimate,
@@ -23,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CAVI",
     "CAVIGuide",
+    "CAVIResult",
+    "ELBOCheck",
     "NonConjugateError",
     "analyse_model",
     "EFDistribution",

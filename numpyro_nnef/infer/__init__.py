@@ -1,8 +1,8 @@
 """Inference: conjugacy analysis of NumPyro models and mean-field CAVI."""
 
-from .cavi import CAVI, CAVIGuide, CAVIResult, CAVIState
+from .cavi import CAVI, CAVIGuide, CAVIResult, CAVIState, ELBOCheck, monte_carlo_elbo
 from .conjugacy import ConjugateModel, LatentSite, analyse_model
 from .symbolic import NonConjugateError
 
-__all__ = ["CAVI", "CAVIGuide", "CAVIResult", "CAVIState", "ConjugateModel", "LatentSite",
-           "NonConjugateError", "analyse_model"]
+__all__ = ["CAVI", "CAVIGuide", "CAVIResult", "CAVIState", "ConjugateModel", "ELBOCheck", "LatentSite",
+           "NonConjugateError", "analyse_model", "monte_carlo_elbo"]

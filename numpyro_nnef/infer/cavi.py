@@ -25,7 +25,7 @@ from .conjugacy import ConjugateModel, analyse_model
 
 Array = jax.Array
 
-__all__ = ["CAVIGuide", "CAVI", "CAVIState", "CAVIResult"]
+__all__ = ["CAVIGuide", "CAVI", "CAVIState", "CAVIResult", "ELBOCheck", "monte_carlo_elbo"]
 
 
 class CAVIState(NamedTuple):
@@ -42,10 +42,60 @@ class CAVIState(NamedTuple):
     ok: dict[str, Array]
 
 
+class ELBOCheck(NamedTuple):
+    """The engine's ELBO next to a Monte Carlo estimate E_q[log p(x) - log q(x)] from q's own
+    draws, with its Monte Carlo standard error; ``z`` = (engine - estimate) / mcse."""
+
+    engine: float
+    monte_carlo: float
+    mcse: float
+    num_samples: int
+
+    @property
+    def z(self) -> float:
+        return (self.engine - self.monte_carlo) / self.mcse if self.mcse > 0 else (
+            0.0 if self.engine == self.monte_carlo else float("inf"))
+
+    def passed(self, num_mcse: float = 4.0) -> bool:
+        """Whether the engine's ELBO is within ``num_mcse`` Monte Carlo standard errors."""
+        return bool(abs(self.z) <= num_mcse)
+
+    def __str__(self) -> str:
+        return (f"engine ELBO {self.engine:.6g}, Monte Carlo {self.monte_carlo:.6g} +- "
+                f"{self.mcse:.2g} ({self.num_samples} draws of q; {self.z:+.2f} MCSE)")
+
+
+def monte_carlo_elbo(model: Callable, guide: CAVIGuide, params: Mapping[str, Array],
+                     rng_key: Array, num_samples: int, *args: Any, **kwargs: Any
+                     ) -> tuple[float, float]:
+    """(E_q[log p(x) - log q(x)], its Monte Carlo standard error) from ``num_samples`` draws of
+    the guide's q (the model's log joint by NumPyro's ``log_density``)."""
+    from numpyro.infer.util import log_density
+
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+    cm = guide._require()
+    draws = guide.sample_posterior(rng_key, params, sample_shape=(num_samples,))
+
+    def log_ratio(values):
+        log_p = log_density(model, args, kwargs, values)[0]
+        log_q = sum(jnp.sum(guide.distribution(n, jnp.asarray(params[f"{n}_eta"])).log_prob(
+            values[n])) for n in cm.sites)
+        return log_p - log_q
+
+    ratios = np.asarray(jax.vmap(log_ratio)(draws), dtype=np.float64)
+    if not np.all(np.isfinite(ratios)):
+        bad = int((~np.isfinite(ratios)).sum())
+        raise FloatingPointError(f"log p - log q is not finite on {bad} of {num_samples} draws "
+                                 "of q: q puts mass where the model has none")
+    return float(ratios.mean()), float(ratios.std(ddof=1) / np.sqrt(num_samples))
+
+
 @dataclasses.dataclass
 class CAVIResult:
     """What ``CAVI.run`` returns: ``params`` (site -> natural parameters, for the guide),
-    the ELBO after every sweep, whether it converged, and the wall time."""
+    the ELBO after every sweep, whether it converged, and the wall time.
+    ``check_elbo(rng_key, num_samples)`` compares the final ELBO with a Monte Carlo estimate."""
 
     params: dict[str, Array]
     elbo: np.ndarray
@@ -53,6 +103,20 @@ class CAVIResult:
     num_steps: int
     wall_time_s: float
     state: CAVIState
+    model: Callable | None = dataclasses.field(default=None, repr=False)
+    guide: CAVIGuide | None = dataclasses.field(default=None, repr=False)
+    args: tuple = dataclasses.field(default=(), repr=False)
+    kwargs: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def check_elbo(self, rng_key: Array, num_samples: int = 2000) -> ELBOCheck:
+        """The final engine ELBO against E_q[log p - log q] from ``num_samples`` draws of q,
+        +- its Monte Carlo standard error (``.passed()``: within 4 MCSE)."""
+        if self.model is None or self.guide is None:
+            raise RuntimeError("this result does not know its model: use the CAVIResult that "
+                               "CAVI.run returned")
+        estimate, mcse = monte_carlo_elbo(self.model, self.guide, self.params, rng_key,
+                                          num_samples, *self.args, **self.kwargs)
+        return ELBOCheck(float(self.elbo[-1]), estimate, mcse, num_samples)
 
 
 class CAVIGuide:
@@ -274,7 +338,8 @@ class CAVI:
         self._check(state, elbo)
         converged = len(elbo) >= 2 and bool(_converged(elbo[-2], elbo[-1], tol, np))
         params = {f"{name}_eta": eta for name, eta in state.eta.items()}
-        return CAVIResult(params, elbo, converged, steps, wall, state)
+        return CAVIResult(params, elbo, converged, steps, wall, state, self.model, self.guide,
+                          tuple(args), dict(kwargs))
 
     def _check(self, state: CAVIState, elbo: np.ndarray) -> None:
         cm = self.guide._require()
@@ -284,7 +349,10 @@ class CAVI:
                 f"the complete conditional of site(s) {bad} left the natural domain of its "
                 f"family ({', '.join(cm.families[n].family.name for n in bad)}): the posterior "
                 f"factor is improper (check the priors of these sites)")
-        drops = np.flatnonzero(np.diff(elbo) < -1e-9 * np.maximum(1.0, np.abs(elbo[1:])))
+        # rounding of the ELBO's sums: a few hundred ulps of its magnitude in its dtype
+        dtype = np.asarray(state.elbo).dtype
+        eps = 1e-9 if dtype == np.float64 else 100 * float(np.finfo(dtype).eps)
+        drops = np.flatnonzero(np.diff(elbo) < -eps * np.maximum(1.0, np.abs(elbo[1:])))
         if drops.size:
             learned = [n for n, f in cm.families.items()
                        if type(f.oracle).__name__ != "ExactOracle"]

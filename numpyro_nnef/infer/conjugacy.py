@@ -345,40 +345,54 @@ def oracle_key(oracle: Any) -> tuple:
 
 def _expand(term: Term, sites: Mapping[str, LatentSite], stat_index: Callable[[str, Stat], int]
             ) -> list[ExpandedTerm]:
-    """A symbolic term as signed multilinear terms in expectations (diagonals rewritten)."""
-    by_site: dict[str, list[Factor]] = {}
-    for f in term.factors:
-        by_site.setdefault(f.site, []).append(f)
-    variants: list[tuple[float, tuple[tuple[np.ndarray, tuple[int, ...]], ...], list]] = [
-        (1.0, term.operands, [])]
-    for name, fs in by_site.items():
-        site = sites[name]
-        if len(fs) == 1:
-            f = fs[0]
-            variants = [(s, ops, facs + [(name, stat_index(name, f.stat), f.labels)])
-                        for s, ops, facs in variants]
-            continue
-        if len(fs) > 2 or site.element_shape:
+    """A symbolic term as signed multilinear terms in expectations (diagonals rewritten).
+
+    Two factors of one site at elements i and j: s_a(x_i) s_b(x_j) = [i != j] s_a(x_i) s_b(x_j)
+    + [i = j] (s_a s_b)(x_i), whose expectation is mu_a,i mu_b,j - [i = j] mu_a,i mu_b,i
+    + [i = j] E[s_a s_b](x_i). The diagonal renames j onto i in the WHOLE term (operands, the
+    factors already expanded and those of sites still to expand), so a bilinear term such as
+    (sum_k z_k w_k)^2 gets its diagonal in z and in w, and their product.
+    """
+    out: list[ExpandedTerm] = []
+
+    def rename(mapping, ops, done, todo):
+        m = lambda lab: tuple(mapping.get(i, i) for i in lab)  # noqa: E731
+        return (tuple((a, m(lab)) for a, lab in ops),
+                [(n, k, m(lab)) for n, k, lab in done],
+                [Factor(f.site, f.stat, m(f.labels)) for f in todo])
+
+    def expand(sign, ops, done, todo):
+        if not todo:
+            out.append(canonical(ExpandedTerm(ops + ((np.asarray(sign), ()),), tuple(done))))
+            return
+        name = todo[0].site
+        mine = [f for f in todo if f.site == name]
+        rest = [f for f in todo if f.site != name]
+        # factors at the same element are one statistic
+        merged: dict[tuple[int, ...], Stat] = {}
+        for f in mine:
+            merged[f.labels] = merged[f.labels] * f.stat if f.labels in merged else f.stat
+        mine = [Factor(name, st, lab) for lab, st in merged.items() if not st.is_one]
+        if len(mine) <= 1:
+            expand(sign, ops, done + [(name, stat_index(name, f.stat), f.labels) for f in mine],
+                   rest)
+            return
+        if len(mine) > 2 or sites[name].element_shape:
             raise NonConjugateError(
-                f"site {name!r}: a term multiplies {len(fs)} factors of it at different "
-                f"elements ({', '.join(f.stat.name for f in fs)}); mean-field CAVI handles at "
-                f"most pairwise products of scalar elements of one site"
-            )
-        a, b = fs
+                f"site {name!r}: a term multiplies {len(mine)} factors of it at different "
+                f"elements ({', '.join(f.stat.name for f in mine)}); mean-field CAVI handles at "
+                f"most pairwise products of scalar elements of one site")
+        a, b = mine
+        expand(sign, ops, done + [(name, stat_index(name, a.stat), a.labels),
+                                  (name, stat_index(name, b.stat), b.labels)], rest)
         diag = dict(zip(b.labels, a.labels, strict=True))
-        new = []
-        for s, ops, facs in variants:
-            full = facs + [(name, stat_index(name, a.stat), a.labels),
-                           (name, stat_index(name, b.stat), b.labels)]
-            new.append((s, ops, full))
-            dops = tuple((arr, tuple(diag.get(i, i) for i in lab)) for arr, lab in ops)
-            dfacs = [(n, k, tuple(diag.get(i, i) for i in lab)) for n, k, lab in facs]
-            new.append((-s, dops, dfacs + [(name, stat_index(name, a.stat), a.labels),
-                                            (name, stat_index(name, b.stat), a.labels)]))
-            new.append((s, dops, dfacs + [(name, stat_index(name, a.stat * b.stat), a.labels)]))
-        variants = new
-    return [canonical(ExpandedTerm(ops + ((np.asarray(sign), ()),), tuple(facs)))
-            for sign, ops, facs in variants]
+        dops, ddone, drest = rename(diag, ops, done, rest)
+        expand(-sign, dops, ddone + [(name, stat_index(name, a.stat), a.labels),
+                                     (name, stat_index(name, b.stat), a.labels)], drest)
+        expand(sign, dops, ddone, [Factor(name, a.stat * b.stat, a.labels)] + drest)
+
+    expand(1.0, term.operands, [], list(term.factors))
+    return out
 
 
 MAX_DENSE = 4_000_000  # entries of a term's precontracted coefficient array
