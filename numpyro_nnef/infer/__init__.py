@@ -4,5 +4,5 @@ from .cavi import CAVI, CAVIGuide, CAVIResult, CAVIState, ELBOCheck, monte_carlo
 from .conjugacy import ConjugateModel, LatentSite, analyse_model
 from .symbolic import NonConjugateError
 
-__all__ = ["CAVI", "CAVIGuide", "CAVIResult", "CAVIState", "ConjugateModel", "ELBOCheck", "LatentSite",
-           "NonConjugateError", "analyse_model", "monte_carlo_elbo"]
+__all__ = ["CAVI", "CAVIGuide", "CAVIResult", "CAVIState", "ConjugateModel", "ELBOCheck",
+           "LatentSite", "NonConjugateError", "analyse_model", "monte_carlo_elbo"]
