@@ -1,0 +1,145 @@
+"""The CAVI ELBO checked against Monte Carlo estimates from q's own draws, on bilinear models and
+on randomly generated conditionally conjugate models; bilinear fixed points against hand-derived
+complete conditionals."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+import numpyro_nnef as nnef
+
+
+def ppca(X, k=2):
+    """Probabilistic PCA with a noise precision: X ~ N(Z W^T, 1/tau) (Bishop 12.2)."""
+    n, d = X.shape
+    tau = numpyro.sample("tau", dist.Gamma(2.0, 1.0))
+    with numpyro.plate("k", k):
+        with numpyro.plate("d", d, dim=-2):
+            W = numpyro.sample("W", dist.Normal(0.0, 1.0))
+        with numpyro.plate("n", n, dim=-2):
+            Z = numpyro.sample("Z", dist.Normal(0.0, 1.0))
+    numpyro.sample("X", dist.Normal(Z @ W.T, 1 / jnp.sqrt(tau)), obs=X)
+
+
+@pytest.fixture(scope="module")
+def ppca_result():
+    X = np.random.default_rng(0).normal(size=(10, 3))
+    guide = nnef.CAVIGuide(ppca)
+    result = nnef.CAVI(ppca, guide, tol=1e-12).run(jax.random.key(1), 300, X)
+    return X, guide, result
+
+
+def test_ppca_fixed_point_is_the_hand_derived_complete_conditional(ppca_result):
+    """eta(Z_nk) = (E tau sum_d E W_dk (X_nd - sum_{l != k} E Z_nl E W_dl),
+    -(1 + E tau sum_d E W_dk^2) / 2): the bilinear term's diagonal needs E[W^2]."""
+    X, guide, result = ppca_result
+    assert {n: f.family.name for n, f in guide.conjugate.families.items()} == {
+        "tau": "Gamma", "W": "Gaussian", "Z": "Gaussian"}
+    mean = {n: np.asarray(v) for n, v in result.state.mean.items()}
+    e_tau = mean["tau"][1]
+    ez, ew, ew2 = mean["Z"][..., 0], mean["W"][..., 0], mean["W"][..., 1]
+    residual = X - ez @ ew.T  # (n, d)
+    # add back each k's own contribution: sum_{l != k} = full - own
+    eta1 = e_tau * (residual @ ew + ez * (ew**2).sum(0))
+    eta2 = -0.5 * (1 + e_tau * ew2.sum(0))
+    np.testing.assert_allclose(np.asarray(result.params["Z_eta"]),
+                               np.stack([eta1, np.broadcast_to(eta2, eta1.shape)], -1),
+                               rtol=1e-6, atol=1e-9)
+    assert result.converged
+    assert np.all(np.diff(result.elbo) >= -1e-9 * np.abs(result.elbo[1:]))
+
+
+def test_ppca_elbo_agrees_with_monte_carlo(ppca_result):
+    *_, result = ppca_result
+    check = result.check_elbo(jax.random.key(2), 4000)
+    assert check.passed(), str(check)
+    assert check.mcse < 0.1
+
+
+# ----------------------------------------------------------------------------- random models
+
+
+def random_model(seed: int):
+    """A random small conditionally conjugate model and its data: two or three of a linear
+    regression with a shared noise precision, a bilinear (matrix factorisation) block, a
+    Beta-Binomial block, a Dirichlet-Categorical mixture and a Poisson-Gamma block, with random
+    plate sizes and hyperparameters."""
+    rng = np.random.default_rng(seed)
+    parts = rng.choice(["linear", "bilinear", "beta", "mixture", "poisson"],
+                       size=int(rng.integers(2, 4)), replace=False).tolist()
+    size = lambda: int(rng.integers(2, 5))  # noqa: E731
+    hyper = lambda: float(rng.uniform(0.5, 3.0))  # noqa: E731
+    data, spec = {}, {}
+    if "linear" in parts or "bilinear" in parts:
+        spec["tau"] = (hyper() + 1, hyper())
+    if "linear" in parts:
+        n, p = 3 * size(), size()
+        spec["linear"] = (rng.normal(size=p), hyper())
+        data["X"] = rng.normal(size=(n, p))
+        data["y"] = data["X"] @ rng.normal(size=p) + 0.5 * rng.normal(size=n)
+    if "bilinear" in parts:
+        rows, cols, k = size() + 2, size() + 2, int(rng.integers(1, 3))
+        data["Y"] = rng.normal(size=(rows, k)) @ rng.normal(size=(k, cols)) + 0.3 * rng.normal(
+            size=(rows, cols))
+        spec["bilinear"] = k
+    if "beta" in parts:
+        groups = size()
+        spec["beta"] = (hyper(), hyper())
+        data["trials"] = rng.integers(1, 8, size=groups).astype(float)
+        data["successes"] = rng.binomial(data["trials"].astype(int), 0.4).astype(float)
+    if "mixture" in parts:
+        k = int(rng.integers(2, 4))
+        spec["mixture"] = (k, hyper())
+        data["m"] = np.concatenate([rng.normal(3.0 * j, 0.5, size=4) for j in range(k)])
+    if "poisson" in parts:
+        spec["poisson"] = (hyper(), hyper())
+        data["counts"] = rng.poisson(3.0, size=size()).astype(float)
+
+    def model(**d):
+        if "tau" in spec:
+            tau = numpyro.sample("tau", dist.Gamma(*spec["tau"]))
+        if "linear" in spec:
+            loc, scale = spec["linear"]
+            with numpyro.plate("p", len(loc)):
+                w = numpyro.sample("w", dist.Normal(loc, scale))
+            with numpyro.plate("n", len(d["y"])):
+                numpyro.sample("y", dist.Normal(d["X"] @ w, 1 / jnp.sqrt(tau)), obs=d["y"])
+        if "bilinear" in spec:
+            rows, cols = d["Y"].shape
+            with numpyro.plate("k", spec["bilinear"]):
+                with numpyro.plate("rows", rows, dim=-2):
+                    u = numpyro.sample("u", dist.Normal(0.0, 1.0))
+                with numpyro.plate("cols", cols, dim=-2):
+                    v = numpyro.sample("v", dist.Normal(0.0, 1.0))
+            numpyro.sample("Y", dist.Normal(u @ v.T, 1 / jnp.sqrt(tau)), obs=d["Y"])
+        if "beta" in spec:
+            p = numpyro.sample("p", dist.Beta(*spec["beta"]))
+            with numpyro.plate("g", len(d["trials"])):
+                numpyro.sample("s", dist.Binomial(d["trials"], p), obs=d["successes"])
+        if "mixture" in spec:
+            k, prior_scale = spec["mixture"]
+            pi = numpyro.sample("pi", dist.Dirichlet(jnp.ones(k)))
+            with numpyro.plate("c", k):
+                mu = numpyro.sample("mu", dist.Normal(0.0, 3.0 * prior_scale))
+            with numpyro.plate("m_obs", len(d["m"])):
+                z = numpyro.sample("z", dist.Categorical(pi))
+                numpyro.sample("m", dist.Normal(mu[z], 0.5), obs=d["m"])
+        if "poisson" in spec:
+            rate = numpyro.sample("rate", dist.Gamma(*spec["poisson"]))
+            with numpyro.plate("i", len(d["counts"])):
+                numpyro.sample("counts", dist.Poisson(rate), obs=d["counts"])
+
+    return model, data, parts
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_conjugate_models_elbo_agrees_with_monte_carlo(seed):
+    model, data, parts = random_model(seed)
+    guide = nnef.CAVIGuide(model)
+    result = nnef.CAVI(model, guide).run(jax.random.key(seed), 30, **data)
+    assert np.all(np.diff(result.elbo) >= -1e-9 * np.abs(result.elbo[1:])), parts
+    check = result.check_elbo(jax.random.key(100 + seed), 3000)
+    assert check.passed(), f"{parts}: {check}"
