@@ -143,3 +143,41 @@ def test_random_conjugate_models_elbo_agrees_with_monte_carlo(seed):
     assert np.all(np.diff(result.elbo) >= -1e-9 * np.abs(result.elbo[1:])), parts
     check = result.check_elbo(jax.random.key(100 + seed), 3000)
     assert check.passed(), f"{parts}: {check}"
+
+
+# ----------------------------------------------------------------------------- NumPyro surface
+
+
+def test_quantiles_invert_the_cdf_and_arviz_export_has_every_group(ppca_result, capsys):
+    X, guide, result = ppca_result
+    qs = guide.quantiles(result.params, [0.05, 0.5, 0.95])
+    median = guide.median(result.params)
+    for name in ("tau", "W", "Z"):
+        q = guide.distribution(name, result.params[f"{name}_eta"])
+        assert qs[name].shape == (3, *q.shape())
+        np.testing.assert_allclose(q.cdf(qs[name]), np.broadcast_to(
+            np.array([0.05, 0.5, 0.95]).reshape(3, *[1] * len(q.shape())), qs[name].shape),
+            atol=1e-6)
+        np.testing.assert_allclose(median[name], qs[name][1])
+    with pytest.raises(ValueError, match=r"quantiles must be .* \(0, 1\)"):
+        guide.quantiles(result.params, [0.5, 1.5])
+    idata = result.to_arviz(jax.random.key(3), num_samples=50, num_chains=2)
+    assert idata.posterior["Z"].shape == (2, 50, *X.shape[:1], 2)
+    assert idata.posterior_predictive["X"].shape == (2, 50, *X.shape)
+    assert idata.log_likelihood["X"].shape == (2, 50, *X.shape)
+    np.testing.assert_array_equal(idata.observed_data["X"], X)
+    result.print_summary(jax.random.key(4), num_samples=200)
+    assert "tau" in capsys.readouterr().out
+
+
+def test_discrete_quantiles_need_a_key():
+    from test_cavi import mixture
+
+    y = jnp.asarray(np.r_[np.full(5, -3.0), np.full(5, 3.0)])
+    guide = nnef.CAVIGuide(mixture)
+    result = nnef.CAVI(mixture, guide).run(jax.random.key(0), 20, y, 2)
+    with pytest.raises(ValueError, match="site 'pi'.*rng_key"):
+        guide.median(result.params)
+    median = guide.median(result.params, rng_key=jax.random.key(1))
+    assert set(np.unique(np.asarray(median["z"]))) <= {0, 1}
+    assert median["pi"].shape == (2,)

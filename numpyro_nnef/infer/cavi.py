@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -118,6 +118,27 @@ class CAVIResult:
                                           num_samples, *self.args, **self.kwargs)
         return ELBOCheck(float(self.elbo[-1]), estimate, mcse, num_samples)
 
+    def _guide(self) -> CAVIGuide:
+        if self.guide is None:
+            raise RuntimeError("this result does not know its guide: use the CAVIResult that "
+                               "CAVI.run returned")
+        return self.guide
+
+    def to_arviz(self, rng_key: Array, num_samples: int = 1000, num_chains: int = 4):
+        """``arviz.InferenceData`` with posterior (independent draws of q, ``num_chains`` x
+        ``num_samples``), posterior_predictive, log_likelihood and observed_data groups."""
+        return self._guide().to_arviz(rng_key, self.params, *self.args, num_samples=num_samples,
+                                      num_chains=num_chains, **self.kwargs)
+
+    def print_summary(self, rng_key: Array, num_samples: int = 2000, prob: float = 0.9) -> None:
+        """NumPyro's ``print_summary`` table (mean, sd, median, ``prob`` interval) of q's sites,
+        from ``num_samples`` independent draws of q."""
+        from numpyro.diagnostics import print_summary
+
+        draws = self._guide().sample_posterior(rng_key, self.params, sample_shape=(num_samples,))
+        print_summary({k: np.asarray(v) for k, v in draws.items()}, prob=prob,
+                      group_by_chain=False)
+
 
 class CAVIGuide:
     """A NumPyro guide with one exponential-family factor per element of every latent site.
@@ -194,11 +215,89 @@ class CAVIGuide:
         return {name: self.distribution(name, jnp.asarray(params[f"{name}_eta"])).sample(
             k, tuple(sample_shape)) for name, k in zip(cm.sites, keys, strict=True)}
 
-    def to_arviz(self, rng_key: Array, params: Mapping[str, Array], num_samples: int = 1000):
-        """An ``arviz.InferenceData`` with ``num_samples`` posterior draws of every site."""
+    def quantiles(self, params: Mapping[str, Array], quantiles: Sequence[float], *,
+                  rng_key: Array | None = None, num_samples: int = 10_000) -> dict[str, Array]:
+        """q's quantiles per site, shape (len(quantiles), *site shape): F^-1(q) by bisection of
+        the factor's cdf for scalar continuous factors (exact), else from ``num_samples`` draws
+        of q (then ``rng_key`` is required)."""
+        cm = self._require()
+        qs = jnp.asarray(quantiles, dtype=float)
+        if qs.ndim != 1 or not bool(jnp.all((qs > 0) & (qs < 1))):
+            raise ValueError(f"quantiles must be a list of numbers in (0, 1), got {quantiles}")
+        out = {}
+        for name, site in cm.sites.items():
+            q = self.distribution(name, jnp.asarray(params[f"{name}_eta"]))
+            inverse = None if site.element_shape or q.support.is_discrete else _bisect_cdf(q, qs)
+            if inverse is None:
+                if rng_key is None:
+                    raise ValueError(f"site {name!r}: q has no cdf to invert; pass rng_key= to "
+                                     "estimate its quantiles from draws")
+                rng_key, sub = jax.random.split(rng_key)
+                draws = q.sample(sub, (num_samples,))
+                inverse = jnp.quantile(draws, qs, axis=0, method="inverted_cdf"
+                                       if q.support.is_discrete else "linear")
+            out[name] = jnp.broadcast_to(inverse, (len(qs), *site.shape))
+        return out
+
+    def median(self, params: Mapping[str, Array], *, rng_key: Array | None = None
+               ) -> dict[str, Array]:
+        """q's median per site (see ``quantiles``)."""
+        return {k: v[0] for k, v in self.quantiles(params, [0.5], rng_key=rng_key).items()}
+
+    def to_arviz(self, rng_key: Array, params: Mapping[str, Array], *args: Any,
+                 num_samples: int = 1000, num_chains: int = 1, **kwargs: Any):
+        """An ``arviz.InferenceData`` of ``num_chains`` x ``num_samples`` independent draws of q
+        (group ``posterior``); given the model's arguments also ``posterior_predictive``
+        (observed sites redrawn from the model), ``log_likelihood`` (per observation, for
+        ``az.loo``/``az.waic``) and ``observed_data``."""
         import arviz as az
-        draws = self.sample_posterior(rng_key, params, sample_shape=(1, num_samples))
-        return az.from_dict(posterior={k: np.asarray(v) for k, v in draws.items()})
+        from numpyro.infer import Predictive
+        from numpyro.infer.util import log_likelihood
+
+        if num_samples < 1 or num_chains < 1:
+            raise ValueError(f"num_samples and num_chains must be >= 1, got {num_samples} and "
+                             f"{num_chains}")
+        key_q, key_pred = jax.random.split(rng_key)
+        total = num_chains * num_samples
+        flat = self.sample_posterior(key_q, params, sample_shape=(total,))
+        chains = lambda d: {k: np.asarray(v).reshape(  # noqa: E731
+            (num_chains, num_samples, *np.shape(v)[1:])) for k, v in d.items()}
+        groups = {"posterior": chains(flat)}
+        if args or kwargs:
+            trace = numpyro.handlers.trace(numpyro.handlers.substitute(
+                self.model, data={k: v[0] for k, v in flat.items()})).get_trace(*args, **kwargs)
+            observed = {n: np.asarray(s["value"]) for n, s in trace.items()
+                        if s["type"] == "sample" and s["is_observed"]}
+            predictive = Predictive(self.model, posterior_samples=flat,
+                                    return_sites=list(observed))(key_pred, *args, **kwargs)
+            groups["posterior_predictive"] = chains(predictive)
+            groups["log_likelihood"] = chains(log_likelihood(self.model, flat, *args, **kwargs))
+            groups["observed_data"] = observed
+        return az.from_dict(**groups)
+
+
+def _bisect_cdf(q: Any, levels: Array, num_steps: int = 100) -> Array | None:
+    """F^-1(levels) for a scalar continuous q by bisection in the unconstrained space of its
+    support (shape (len(levels), *q.batch_shape)); None when q has no cdf."""
+    from numpyro.distributions.transforms import biject_to
+
+    to_support = biject_to(q.support)
+    shape = (len(levels), *q.batch_shape)
+    try:
+        q.cdf(to_support(jnp.zeros(q.batch_shape)))
+    except (NotImplementedError, ImportError, AttributeError):
+        return None
+    target = levels.reshape((-1,) + (1,) * len(q.batch_shape))
+
+    def step(_, bounds):
+        low, high = bounds
+        mid = 0.5 * (low + high)
+        below = q.cdf(to_support(mid)) < target
+        return jnp.where(below, mid, low), jnp.where(below, high, mid)
+
+    low, high = jax.lax.fori_loop(0, num_steps, step, (jnp.full(shape, -1e4),
+                                                       jnp.full(shape, 1e4)))
+    return to_support(0.5 * (low + high))
 
 
 class CAVI:
