@@ -177,7 +177,7 @@ class Term:
 
     def merged(self) -> Term:
         """Factors of one site with identical labels multiplied into one statistic."""
-        self = dedupe_routings(self)  # noqa: PLW0642
+        self = dedupe_routings(squeeze_unit_labels(self))  # noqa: PLW0642
         groups: dict[tuple[str, tuple[int, ...]], Stat] = {}
         for f in self.factors:
             key = (f.site, f.labels)
@@ -212,6 +212,24 @@ class Term:
         expand = [k for k, i in enumerate(self.out) if i not in present]
         value = xp.expand_dims(value, expand) if expand else value
         return xp.broadcast_to(value, shape)
+
+
+def squeeze_unit_labels(term: Term) -> Term:
+    """Summed labels of size 1 that only constant operands carry (broadcasts from size 1) are
+    dropped: sum over one value is that value. Routings that differed only there then match."""
+    used = set(term.out) | {i for f in term.factors for i in f.labels}
+    unit = {i for a, lab in term.operands for i, n in zip(lab, np.shape(a), strict=True)
+            if n == 1 and i not in used}
+    unit -= {i for a, lab in term.operands for i, n in zip(lab, np.shape(a), strict=True)
+             if n != 1}
+    if not unit:
+        return term
+    operands = []
+    for a, lab in term.operands:
+        axes = tuple(k for k, i in enumerate(lab) if i in unit)
+        operands.append((np.squeeze(np.asarray(a), axis=axes) if axes else a,
+                         tuple(i for i in lab if i not in unit)))
+    return Term(tuple(operands), term.factors, term.out)
 
 
 def _one_hot_along(array: np.ndarray, axis: int) -> bool:
