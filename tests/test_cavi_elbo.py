@@ -222,3 +222,27 @@ def test_elbo_check_allows_rounding_only():
     assert exact.passed() and abs(exact.z) > 4
     assert not nnef.ELBOCheck(-10.0, -10.5, 0.01, 2000).passed()
     assert nnef.ELBOCheck(-10.0, -10.03, 0.01, 2000).passed()
+
+
+def test_update_takes_the_data_as_svi_does():
+    """init/update/get_params as SVI's: update(state, *args) sweeps on the data it is given,
+    so a loop of updates on new data equals a run on that data (here of another length: the
+    normal-gamma model's structure does not depend on it)."""
+    from test_cavi import lasso, normal_gamma
+
+    rng = np.random.default_rng(3)
+    y1, y2 = jnp.asarray(rng.normal(size=12)), jnp.asarray(rng.normal(2.0, 1.0, size=7))
+    reference = nnef.CAVI(normal_gamma, nnef.CAVIGuide(normal_gamma), tol=1e-13).run(
+        jax.random.key(0), 30, y2, progress_bar=False)
+    cavi = nnef.CAVI(normal_gamma, nnef.CAVIGuide(normal_gamma), tol=1e-13)
+    state = cavi.init(jax.random.key(0), y1)
+    for _ in range(reference.num_steps):
+        state, elbo = cavi.update(state, y2)
+    np.testing.assert_allclose(cavi.get_params(state)["mu_eta"], reference.params["mu_eta"],
+                               rtol=1e-9)
+    np.testing.assert_allclose(cavi.evaluate(state, y2), reference.elbo[-1], rtol=1e-9)
+    X = rng.normal(size=(10, 3))
+    cavi = nnef.CAVI(lasso, nnef.CAVIGuide(lasso))
+    state = cavi.init(jax.random.key(0), X, X @ np.ones(3))
+    with pytest.raises(ValueError, match="another structure.*call init"):
+        cavi.update(state, X[:, :2], X[:, :2] @ np.ones(2))

@@ -337,10 +337,31 @@ class CAVI:
             ok[name] = np.asarray(True)
         key = (cm.signature(), self.damping)
         if key not in _PROGRAMS:
+            if len(_PROGRAMS) >= MAX_PROGRAMS:  # bounded: the oldest structure goes first
+                _PROGRAMS.pop(next(iter(_PROGRAMS)))
             _PROGRAMS[key] = _Program(self._make_sweep(cm), partial(self._elbo, cm))
-        self._program = _PROGRAMS[key]
+        self._program, self._program_key, self._analysis_key = _PROGRAMS[key], key, rng_key
         self._data = [np.asarray(a) for a in cm.data()]
+        self._data_args = _leaves(args, kwargs)
         return CAVIState(mu, eta, mean, log_z, np.asarray(-np.inf), ok)
+
+    def _data_for(self, args: tuple, kwargs: dict) -> list[Array]:
+        """The compiled program's data arguments for these model arguments (those of ``init``
+        when none are given); ValueError when they give the model another structure."""
+        if self._program is None:
+            raise RuntimeError("call CAVI.init(rng_key, *model_args) first")
+        leaves = _leaves(args, kwargs)
+        if (not args and not kwargs) or (len(leaves) == len(self._data_args) and all(
+                a is b for a, b in zip(leaves, self._data_args, strict=True))):
+            return self._data
+        cm = analyse_model(self.model, *args, key=self._analysis_key,
+                           oracles=self.guide.oracles, **kwargs)
+        if (cm.signature(), self.damping) != self._program_key:
+            raise ValueError("these model arguments give the model another structure (shapes, "
+                             "statistics or families) than the arguments CAVI.init analysed: "
+                             "call init (or run) with them")
+        self._data, self._data_args = [np.asarray(a) for a in cm.data()], leaves
+        return self._data
 
     def _make_sweep(self, cm: ConjugateModel) -> Callable[[list[Array], CAVIState], CAVIState]:
         """The sweep over all sites, a pure function of (data, state) for this structure."""
@@ -394,54 +415,63 @@ class CAVI:
             total = total + jnp.sum(state.log_partition[name] - jnp.sum(eta * mean, -1))
         return total
 
-    def update(self, state: CAVIState) -> tuple[CAVIState, Array]:
-        """One sweep over all sites: (new state, its ELBO)."""
-        if self._program is None:
-            raise RuntimeError("call CAVI.init(rng_key, *model_args) before update")
-        state = self._program.sweep(self._data, state)
+    def update(self, state: CAVIState, *args: Any, **kwargs: Any) -> tuple[CAVIState, Array]:
+        """One sweep over all sites on the data of ``args``/``kwargs`` (the model's arguments;
+        those of ``init`` when none are given): (new state, its ELBO)."""
+        state = self._program_or_raise().sweep(self._data_for(args, kwargs), state)
         return state, state.elbo
 
-    def evaluate(self, state: CAVIState) -> Array:
-        """The ELBO of ``state``."""
+    def evaluate(self, state: CAVIState, *args: Any, **kwargs: Any) -> Array:
+        """The ELBO of ``state`` on the data of ``args``/``kwargs`` (as ``update``)."""
+        return self._program_or_raise().elbo(self._data_for(args, kwargs), state)
+
+    def get_params(self, state: CAVIState) -> dict[str, Array]:
+        """The guide's parameters ``{"<site>_eta": natural parameters}`` of ``state``."""
+        return {f"{name}_eta": eta for name, eta in state.eta.items()}
+
+    def _program_or_raise(self) -> _Program:
         if self._program is None:
-            raise RuntimeError("call CAVI.init(rng_key, *model_args) before evaluate")
-        return self._program.elbo(self._data, state)
+            raise RuntimeError("call CAVI.init(rng_key, *model_args) first")
+        return self._program
 
     # -------------------------------------------------------------- the loop
-    def run(self, rng_key: Array, num_steps: int, *args: Any, progress_bar: bool = False,
+    def run(self, rng_key: Array, num_steps: int, *args: Any, progress_bar: bool = True,
             init_state: CAVIState | None = None, **kwargs: Any) -> CAVIResult:
-        """Up to ``num_steps`` sweeps from a prior draw (or ``init_state``); stops when the
-        relative ELBO change falls below ``tol``. Compiled (``lax.while_loop``) unless
-        ``progress_bar``."""
+        """Up to ``num_steps`` sweeps from a random point of the support (or ``init_state``);
+        stops when |ELBO change| <= tol max(1, |ELBO|). The sweeps run in a compiled
+        ``lax.while_loop``, in chunks of up to CHUNK sweeps between progress-bar updates."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         start = time.perf_counter()
-        state = self.init(rng_key, *args, **kwargs) if init_state is None else init_state
-        program, data, tol = self._program, self._data, self.tol
-        if progress_bar:
-            from tqdm.auto import tqdm
-            history, steps = [], 0
-            for _ in (bar := tqdm(range(num_steps), desc="CAVI")):
-                previous = state.elbo
-                state = program.sweep(data, state)
-                steps += 1
-                history.append(float(state.elbo))
-                bar.set_postfix(elbo=f"{history[-1]:.6g}")
-                if _converged(float(previous), history[-1], tol, np) or not all(
-                        bool(v) for v in state.ok.values()):
-                    break
-            elbo = np.asarray(history)
+        if init_state is None:
+            state = self.init(rng_key, *args, **kwargs)
+            data = self._data
         else:
-            state, trace, steps = program.run(num_steps, tol)(data, state)
-            steps = int(steps)
-            elbo = np.asarray(trace)[:steps]
+            state, data = init_state, self._data_for(args, kwargs)
+        program = self._program_or_raise()
+        previous = jnp.full((), -jnp.inf, dtype=jnp.result_type(float))
+        history, done = [], 0
+        from tqdm.auto import tqdm
+        with tqdm(total=num_steps, desc="CAVI", disable=not progress_bar) as bar:
+            while done < num_steps:
+                size = min(CHUNK, num_steps - done)
+                state, previous, trace, steps = program.loop(data, state, previous, size,
+                                                             self.tol)
+                steps = int(steps)
+                history.append(np.asarray(trace)[:steps])
+                done += steps
+                bar.update(steps)
+                if steps:
+                    bar.set_postfix(elbo=f"{history[-1][-1]:.6g}")
+                if steps < size:
+                    break
+        elbo = np.concatenate(history)
         jax.block_until_ready(state.elbo)
         wall = time.perf_counter() - start
         self._check(state, elbo)
-        converged = len(elbo) >= 2 and bool(_converged(elbo[-2], elbo[-1], tol, np))
-        params = {f"{name}_eta": eta for name, eta in state.eta.items()}
-        return CAVIResult(params, elbo, converged, steps, wall, state, self.model, self.guide,
-                          tuple(args), dict(kwargs))
+        converged = len(elbo) >= 2 and bool(_converged(elbo[-2], elbo[-1], self.tol, np))
+        return CAVIResult(self.get_params(state), elbo, converged, done, wall, state,
+                          self.model, self.guide, tuple(args), dict(kwargs))
 
     def _check(self, state: CAVIState, elbo: np.ndarray) -> None:
         cm = self.guide._require()
@@ -473,38 +503,38 @@ def _converged(previous: Array, current: Array, tol: float, xp: Any = jnp) -> Ar
 
 class _Program:
     """The compiled pieces for one model structure (shared by every run on data of that
-    structure): the sweep, the ELBO and the while-loop per (num_steps, tol)."""
+    structure): the sweep, the ELBO, and ``loop``: up to ``num`` (<= CHUNK) sweeps in a
+    ``lax.while_loop`` that stops at convergence or when a factor leaves its domain."""
 
     def __init__(self, sweep: Callable, elbo: Callable):
         self.raw_sweep = sweep
         self.sweep = jax.jit(sweep)
         self.elbo = jax.jit(elbo)
-        self._runs: dict[tuple[int, float], Callable] = {}
+        self.loop = jax.jit(self._loop)
 
-    def run(self, num_steps: int, tol: float) -> Callable:
-        """jit((data, state) -> (state, ELBO trace, steps)) for up to num_steps sweeps."""
-        if (num_steps, tol) not in self._runs:
-            sweep = self.raw_sweep
+    def _loop(self, data, state, previous, num, tol):
+        """(state, ELBO before the last sweep, ELBO trace (CHUNK,), sweeps done)."""
+        def cond(carry):
+            st, prev, _, i = carry
+            ok = jnp.all(jnp.stack(list(st.ok.values())))
+            return (i < num) & ok & ~_converged(prev, st.elbo, tol)
 
-            def loop(data, state):
-                def cond(carry):
-                    st, prev, _, i = carry
-                    ok = jnp.all(jnp.stack(list(st.ok.values())))
-                    return (i < num_steps) & ok & ((i < 2) | ~_converged(prev, st.elbo, tol))
+        def body(carry):
+            st, _, trace, i = carry
+            new = self.raw_sweep(data, st)
+            return new, st.elbo, trace.at[i].set(new.elbo), i + 1
 
-                def body(carry):
-                    st, _, trace, i = carry
-                    new = sweep(data, st)
-                    return new, st.elbo, trace.at[i].set(new.elbo), i + 1
-
-                trace = jnp.full((num_steps,), jnp.nan)
-                carry = (state, jnp.asarray(-jnp.inf), trace, jnp.asarray(0))
-                state, _, trace, steps = jax.lax.while_loop(cond, body, carry)
-                return state, trace, steps
-
-            self._runs[(num_steps, tol)] = jax.jit(loop)
-        return self._runs[(num_steps, tol)]
+        state = state._replace(elbo=jnp.asarray(state.elbo, previous.dtype))
+        trace = jnp.full((CHUNK,), jnp.nan, previous.dtype)
+        carry = (state, previous, trace, jnp.asarray(0))
+        return jax.lax.while_loop(cond, body, carry)
 
 
+def _leaves(args: tuple, kwargs: dict) -> list[Any]:
+    return jax.tree.leaves((args, kwargs))
+
+
+CHUNK = 256  # sweeps per compiled loop call (between progress-bar updates)
+MAX_PROGRAMS = 32
 # compiled programs by (model structure, damping): new data of the same shapes reuses them
 _PROGRAMS: dict[tuple, _Program] = {}
