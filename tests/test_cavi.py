@@ -410,6 +410,9 @@ def test_linear_regression_with_a_vector_prior_is_the_exact_posterior(blr_data, 
     np.testing.assert_allclose(loc, post_loc, rtol=1e-6)
     np.testing.assert_allclose(cov, post_cov, rtol=1e-6)
     assert result.converged
+    draws = Predictive(model, guide=guide, params=result.params, num_samples=50,
+                       return_sites=["w", "y"])(jax.random.key(2), X, None)
+    assert draws["w"].shape == (50, 3) and draws["y"].shape == (50, 20)
 
 
 def test_linear_regression_with_a_gamma_noise_precision(blr_data):
@@ -428,9 +431,14 @@ def test_linear_regression_with_a_gamma_noise_precision(blr_data):
     assert np.all(np.diff(result.elbo) >= -1e-9 * np.abs(result.elbo[1:]))
     check = result.check_elbo(jax.random.key(1), 2000)
     assert check.passed(), str(check)
-    draws = Predictive(model, guide=guide, params=result.params, num_samples=50,
-                       return_sites=["w", "tau", "y"])(jax.random.key(2), X, None)
-    assert draws["w"].shape == (50, 3) and draws["y"].shape == (50, 20)
+
+
+def test_elbo_check_of_an_exact_posterior_passes_at_rounding():
+    """q = the posterior: log p - log q is log p(y) on every draw, its MCSE only rounding."""
+    from numpyro_nnef.infer.cavi import ELBOCheck
+
+    assert ELBOCheck(-12.807, -12.807 + 8e-14, 1.1e-16, 2000).passed()
+    assert not ELBOCheck(-12.807, -12.806, 1e-4, 2000).passed()
 
 
 def test_coordinates_of_a_non_gaussian_event_stay_scalar_elements(lasso_data):
