@@ -7,10 +7,15 @@ multilinear in the statistics of distinct elements:
 
 - every latent site is factorised over its elements (its batch axes, and the axes an
   ``Independent``/``to_event`` wrapper adds); an element is one draw of the innermost base
-  distribution (a scalar for Normal, a vector for Dirichlet);
+  distribution (a scalar for Normal, a vector for Dirichlet and MultivariateNormal), except
+  that the event of a ``.to_event(1)`` over a real scalar base is one vector element when the
+  log density multiplies two of its coordinates and its statistics are then Gaussian (x, x^2,
+  x x^T: one full-covariance MultivariateNormal factor per event); otherwise its coordinates
+  are the elements (``event_elements``);
 - a product of two factors of one site at different elements, c_ij s_a(x_i) s_b(x_j), has
   expectation sum_ij c_ij mu_a,i mu_b,j - sum_i c_ii mu_a,i mu_b,i + sum_i c_ii E[s_a s_b](x_i):
-  the diagonal is rewritten into the product statistic s_a s_b of one element.
+  the diagonal is rewritten into the product statistic s_a s_b of one element, for vector
+  elements the outer product s_a(x_i)_e s_b(x_i)_f over the two factors' coordinates (e, f).
 
 Each site's statistics are matched to a family by a least-squares fit on draws from the site's
 support: s(x) = B T(x) + c exactly, so that eta_family = B^T d ELJ / d mu_s and mu_s = B mu + c.
@@ -62,7 +67,8 @@ NAMED_FAMILIES = ("Gaussian", "GaussLaplace", "Gamma", "Exponential", "InverseGa
 @dataclasses.dataclass(frozen=True)
 class LatentSite:
     """A latent sample site: its value's shape split into element axes (factorised) and the
-    element's own shape (one q factor per element)."""
+    element's own shape (one q factor per element): the base distribution's event shape, or
+    the whole event for a Gaussian ``.to_event(1)`` site (see ``event_elements``)."""
 
     name: str
     shape: tuple[int, ...]
