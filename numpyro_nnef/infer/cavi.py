@@ -64,8 +64,10 @@ class ELBOCheck(NamedTuple):
         return bool(abs(self.engine - self.monte_carlo) <= num_mcse * self.mcse + rounding)
 
     def __str__(self) -> str:
+        verdict = "passed" if self.passed() else "FAILED"
         return (f"engine ELBO {self.engine:.6g}, Monte Carlo {self.monte_carlo:.6g} +- "
-                f"{self.mcse:.2g} ({self.num_samples} draws of q; {self.z:+.2f} MCSE)")
+                f"{self.mcse:.2g} ({self.num_samples} draws of q; {self.z:+.2f} MCSE): "
+                f"{verdict}")
 
 
 def monte_carlo_elbo(model: Callable, guide: CAVIGuide, params: Mapping[str, Array],
