@@ -1,0 +1,154 @@
+"""The generalised inverse Gaussian: p(x) ∝ x^(p-1) exp(-(a x + b / x) / 2) on x > 0."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions import constraints
+
+from ..family import Array, ExponentialFamily, NaturalDomain
+from ._special import (
+    cosh_drop,
+    cosh_drop_bounds,
+    cosh_drop_slope,
+    cosh_mode_parameters,
+    jit_sampler,
+    log_bessel_k,
+    uniform_open_closed,
+)
+
+_NEWTON_STEPS = 6
+
+
+class GIG(ExponentialFamily):
+    """GIG(p, a, b): T = (x, 1/x, log x), A = log 2 + log K_p(sqrt(a b)) + (p/2) log(b/a).
+
+    eta = (-a/2, -b/2, p - 1). The natural domain used is the open set a > 0, b > 0 (any real
+    p); its boundary points b = 0, p > 0 (Gamma) and a = 0, p < 0 (InverseGamma) are excluded.
+    NumPyro has no GIG distribution, so q is an ``EFDistribution`` (exact oracle and sampler).
+    """
+
+    name = "GIG"
+    identity_attributes = ()
+    event_shape = ()
+    support = constraints.positive
+    natural_constraint = NaturalDomain(
+        lambda eta: (eta[..., 0] < 0) & (eta[..., 1] < 0),
+        "eta[x] < 0 and eta[inv_x] < 0, i.e. a > 0 and b > 0 for any p (the boundary b = 0 "
+        "(Gamma) and a = 0 (InverseGamma) is excluded)",
+        np.array([-1.0, -1.0, 0.0]),
+    )
+    has_closed_form = True
+    has_exact_sampler = True
+
+    def statistics(self, x: Array) -> dict[str, Array]:
+        """T(x) = {x, 1/x, log x}."""
+        x = jnp.asarray(x)
+        return {"x": x, "inv_x": 1.0 / x, "log_x": jnp.log(x)}
+
+    def closed_form_log_partition(self, eta: Array) -> Array:
+        """A(eta) = log 2 + log K_p(sqrt(a b)) + (p/2) log(b/a)."""
+        p, w, half_log_ratio = _order_argument_ratio(eta)
+        return math.log(2.0) + log_bessel_k(p, w) + p * half_log_ratio
+
+    def closed_form_mean(self, eta: Array) -> Array:
+        """E[T] = (sqrt(b/a) K_{p+1}/K_p, sqrt(a/b) K_{p-1}/K_p, d/dp log K_p + log(b/a)/2)."""
+        return self.closed_form_mean_and_log_partition(eta)[0]
+
+    def closed_form_mean_and_log_partition(self, eta: Array) -> tuple[Array, Array]:
+        """(E[T], A(eta)) from log K at orders p - 1, p, p + 1 (w = sqrt(a b)), no cancellation."""
+        p, w, half_log_ratio = _order_argument_ratio(eta)
+        log_k, dlog_k_dp = jax.value_and_grad(log_bessel_k)(p, w)
+        log_k_up, log_k_down = log_bessel_k(jnp.stack([p + 1.0, p - 1.0]), w)
+        mean = jnp.stack([
+            jnp.exp(half_log_ratio + log_k_up - log_k),
+            jnp.exp(log_k_down - log_k - half_log_ratio),
+            dlog_k_dp + half_log_ratio,
+        ])
+        return mean, math.log(2.0) + log_k + p * half_log_ratio
+
+    def natural_init_from_mean(self, mu: Array) -> Array:
+        """Newton's start for mu = (E x, E 1/x, E log x): the Stein identities
+        E[d/dx (x^k p(x))] = 0 for k = 0, 1, 2, linear in (p, a, b), with E x^2 ~ (E x)^2 E x E 1/x
+        and E x^-2 ~ (E 1/x)^2 E x E 1/x (exact for a log-normal)."""
+        m1, m2 = mu[0], mu[1]
+        spread = m1 * m2
+        # rows: k = 1, 2, 0; unknowns (p, a, b)
+        lhs = jnp.array([[1.0, -0.5 * m1, 0.5 * m2],
+                         [m1, -0.5 * m1 * m1 * spread, 0.5],
+                         [m2, -0.5, 0.5 * m2 * m2 * spread]])
+        p, a, b = jnp.linalg.solve(lhs, jnp.stack([jnp.zeros_like(m1), -m1, m2]))
+        eta = jnp.stack([-0.5 * a, -0.5 * b, p - 1.0])
+        ok = (a > 0) & (b > 0) & jnp.all(jnp.isfinite(eta))
+        return jnp.where(ok, eta, jnp.asarray(self.natural_constraint.feasible, mu.dtype))
+
+    def natural_from_p_a_b(self, p: Array, a: Array, b: Array) -> Array:
+        """eta = (-a/2, -b/2, p - 1), shape ``batch + (3,)``."""
+        p, a, b = jnp.broadcast_arrays(jnp.asarray(p), jnp.asarray(a), jnp.asarray(b))
+        return jnp.stack([-0.5 * a, -0.5 * b, p - 1.0], axis=-1)
+
+    def p_a_b_from_natural(self, eta: Array) -> tuple[Array, Array, Array]:
+        """(p, a, b) = (eta3 + 1, -2 eta1, -2 eta2)."""
+        eta = self.check_eta(eta)
+        return eta[..., 2] + 1.0, -2.0 * eta[..., 0], -2.0 * eta[..., 1]
+
+    @jit_sampler
+    def sample_exact(self, key: Array, eta: Array, sample_shape: tuple[int, ...] = ()) -> Array:
+        """x = sqrt(b/a) e^y, y by rejection from a three-piece envelope of the log-concave
+        density of y ∝ exp(p y - w cosh y) (Devroye 2014); shape ``sample_shape + batch``."""
+        p, a, b = self.p_a_b_from_natural(eta)
+        dtype = jnp.result_type(eta.dtype, float)
+        shape = tuple(sample_shape) + p.shape
+        plus, minus, mode, _ = cosh_mode_parameters(p.astype(dtype), jnp.sqrt(a * b).astype(dtype))
+        u_lo, u_hi = _drop_one_points(plus, minus)
+        pieces = [jnp.broadcast_to(c, shape).reshape(-1) for c in (plus, minus, u_lo, u_hi)]
+        keys = jax.random.split(key, math.prod(shape))
+        u = jax.vmap(_log_scale_draw)(keys, *pieces).reshape(shape)
+        return jnp.exp(mode + 0.5 * (jnp.log(b) - jnp.log(a)) + u).astype(dtype)
+
+
+def _order_argument_ratio(eta: Array) -> tuple[Array, Array, Array]:
+    """(p, w = sqrt(a b), log(b/a) / 2) of one flat eta."""
+    a, b = -2.0 * eta[0], -2.0 * eta[1]
+    return eta[2] + 1.0, jnp.sqrt(a * b), 0.5 * (jnp.log(b) - jnp.log(a))
+
+
+def _drop_one_points(plus: Array, minus: Array) -> tuple[Array, Array]:
+    """u_lo < 0 < u_hi near cosh_drop = 1, by Newton from outside (the drop is convex)."""
+    u_lo, u_hi = cosh_drop_bounds(plus, minus, 1.0)
+
+    def newton(_, u):
+        return u - (cosh_drop(u, plus, minus) - 1.0) / cosh_drop_slope(u, plus, minus)
+
+    return jax.lax.fori_loop(0, _NEWTON_STEPS, newton, u_lo), jax.lax.fori_loop(
+        0, _NEWTON_STEPS, newton, u_hi)
+
+
+def _log_scale_draw(key: Array, plus: Array, minus: Array, u_lo: Array, u_hi: Array) -> Array:
+    """One u with density ∝ exp(-cosh_drop(u)): rejection from the envelope that is 1 on
+    [u_lo, u_hi] and the tangent exponentials of the concave -cosh_drop beyond."""
+    drop_lo, drop_hi = cosh_drop(u_lo, plus, minus), cosh_drop(u_hi, plus, minus)
+    rate_lo, rate_hi = -cosh_drop_slope(u_lo, plus, minus), cosh_drop_slope(u_hi, plus, minus)
+    width = u_hi - u_lo
+    mass_hi = jnp.exp(-drop_hi) / rate_hi
+    total = width + mass_hi + jnp.exp(-drop_lo) / rate_lo
+    dtype = plus.dtype
+
+    def propose(state):
+        key, _, _ = state
+        key, k_pick, k_exp, k_accept = jax.random.split(key, 4)
+        pick = total * uniform_open_closed(k_pick, (), dtype)
+        tail = jax.random.exponential(k_exp, (), dtype)
+        middle, right = pick <= width, (pick > width) & (pick <= width + mass_hi)
+        u = jnp.where(middle, u_lo + pick, jnp.where(right, u_hi + tail / rate_hi,
+                                                     u_lo - tail / rate_lo))
+        log_envelope = jnp.where(middle, 0.0, jnp.where(
+            right, -drop_hi - rate_hi * (u - u_hi), -drop_lo - rate_lo * (u_lo - u)))
+        log_accept = jnp.log(uniform_open_closed(k_accept, (), dtype))
+        return key, u, log_accept <= -cosh_drop(u, plus, minus) - log_envelope
+
+    start = (key, jnp.zeros((), dtype), jnp.asarray(False))
+    return jax.lax.while_loop(lambda state: ~state[2], propose, start)[1]
