@@ -104,9 +104,7 @@ class GIG(ExponentialFamily):
         shape = tuple(sample_shape) + p.shape
         plus, minus, mode, _ = cosh_mode_parameters(p.astype(dtype), jnp.sqrt(a * b).astype(dtype))
         u_lo, u_hi = _drop_one_points(plus, minus)
-        pieces = [jnp.broadcast_to(c, shape).reshape(-1) for c in (plus, minus, u_lo, u_hi)]
-        keys = jax.random.split(key, math.prod(shape))
-        u = jax.vmap(_log_scale_draw)(keys, *pieces).reshape(shape)
+        u = _log_scale_draws(key, *(jnp.broadcast_to(c, shape) for c in (plus, minus, u_lo, u_hi)))
         return jnp.exp(mode + 0.5 * (jnp.log(b) - jnp.log(a)) + u).astype(dtype)
 
 
@@ -127,28 +125,28 @@ def _drop_one_points(plus: Array, minus: Array) -> tuple[Array, Array]:
         0, _NEWTON_STEPS, newton, u_hi)
 
 
-def _log_scale_draw(key: Array, plus: Array, minus: Array, u_lo: Array, u_hi: Array) -> Array:
-    """One u with density ∝ exp(-cosh_drop(u)): rejection from the envelope that is 1 on
-    [u_lo, u_hi] and the tangent exponentials of the concave -cosh_drop beyond."""
+def _log_scale_draws(key: Array, plus: Array, minus: Array, u_lo: Array, u_hi: Array) -> Array:
+    """u with density ∝ exp(-cosh_drop(u)) for every element (shape of ``plus``): rejection from
+    the envelope that is 1 on [u_lo, u_hi] and the tangent exponentials of the concave
+    -cosh_drop beyond; each round proposes for all elements, until all are accepted."""
     drop_lo, drop_hi = cosh_drop(u_lo, plus, minus), cosh_drop(u_hi, plus, minus)
     rate_lo, rate_hi = -cosh_drop_slope(u_lo, plus, minus), cosh_drop_slope(u_hi, plus, minus)
     width = u_hi - u_lo
     mass_hi = jnp.exp(-drop_hi) / rate_hi
     total = width + mass_hi + jnp.exp(-drop_lo) / rate_lo
-    dtype = plus.dtype
 
     def propose(state):
-        key, _, _ = state
-        key, k_pick, k_exp, k_accept = jax.random.split(key, 4)
-        pick = total * uniform_open_closed(k_pick, (), dtype)
-        tail = jax.random.exponential(k_exp, (), dtype)
+        i, u_kept, done = state
+        pick, tail, accept = uniform_open_closed(jax.random.fold_in(key, i),
+                                                 (3,) + plus.shape, plus.dtype)
+        pick, tail = total * pick, -jnp.log(tail)
         middle, right = pick <= width, (pick > width) & (pick <= width + mass_hi)
         u = jnp.where(middle, u_lo + pick, jnp.where(right, u_hi + tail / rate_hi,
                                                      u_lo - tail / rate_lo))
         log_envelope = jnp.where(middle, 0.0, jnp.where(
             right, -drop_hi - rate_hi * (u - u_hi), -drop_lo - rate_lo * (u_lo - u)))
-        log_accept = jnp.log(uniform_open_closed(k_accept, (), dtype))
-        return key, u, log_accept <= -cosh_drop(u, plus, minus) - log_envelope
+        ok = jnp.log(accept) <= -cosh_drop(u, plus, minus) - log_envelope
+        return i + 1, jnp.where(done, u_kept, u), done | ok
 
-    start = (key, jnp.zeros((), dtype), jnp.asarray(False))
-    return jax.lax.while_loop(lambda state: ~state[2], propose, start)[1]
+    start = (jnp.zeros((), jnp.int32), jnp.zeros_like(plus), jnp.zeros(plus.shape, bool))
+    return jax.lax.while_loop(lambda state: ~jnp.all(state[2]), propose, start)[1]
