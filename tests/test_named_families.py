@@ -620,6 +620,9 @@ def test_gig_sample_exact(key):
     z = np.abs(t.mean(0) - mean) / se
     assert np.all(z < 4), f"sample means {t.mean(0)}, exact {mean}, |z| = {z}"
     assert _GIG.sample_exact(key, _GIG_ETAS[0]).shape == ()
+    outside = jnp.array([[1.0, -1.0, 0.0], [-1.0, -1.0, 0.0]])       # a < 0: NaN, no endless loop
+    draws = _GIG.sample_exact(key, outside, (5,))
+    assert bool(jnp.all(jnp.isnan(draws[:, 0]))) and bool(jnp.all(draws[:, 1] > 0))
 
 
 def test_gig_ef_distribution(key):

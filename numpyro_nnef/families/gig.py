@@ -128,7 +128,8 @@ def _drop_one_points(plus: Array, minus: Array) -> tuple[Array, Array]:
 def _log_scale_draws(key: Array, plus: Array, minus: Array, u_lo: Array, u_hi: Array) -> Array:
     """u with density ∝ exp(-cosh_drop(u)) for every element (shape of ``plus``): rejection from
     the envelope that is 1 on [u_lo, u_hi] and the tangent exponentials of the concave
-    -cosh_drop beyond; each round proposes for all elements, until all are accepted."""
+    -cosh_drop beyond; each round proposes for all elements, until all are accepted (NaN where
+    the parameters are outside the domain)."""
     drop_lo, drop_hi = cosh_drop(u_lo, plus, minus), cosh_drop(u_hi, plus, minus)
     rate_lo, rate_hi = -cosh_drop_slope(u_lo, plus, minus), cosh_drop_slope(u_hi, plus, minus)
     width = u_hi - u_lo
@@ -148,5 +149,8 @@ def _log_scale_draws(key: Array, plus: Array, minus: Array, u_lo: Array, u_hi: A
         ok = jnp.log(accept) <= -cosh_drop(u, plus, minus) - log_envelope
         return i + 1, jnp.where(done, u_kept, u), done | ok
 
-    start = (jnp.zeros((), jnp.int32), jnp.zeros_like(plus), jnp.zeros(plus.shape, bool))
+    # elements with parameters outside the domain (NaN envelope) stay NaN instead of looping
+    invalid = ~jnp.isfinite(total)
+    start = (jnp.zeros((), jnp.int32), jnp.where(invalid, jnp.nan, 0.0).astype(plus.dtype),
+             invalid)
     return jax.lax.while_loop(lambda state: ~jnp.all(state[2]), propose, start)[1]
