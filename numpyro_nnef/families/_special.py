@@ -276,17 +276,21 @@ def cosh_drop_bounds(plus: Array, minus: Array, drop: float | Array) -> tuple[Ar
 def log_bessel_k(v: Array, z: Array) -> Array:
     """log K_v(z) = log(int_R exp(v y - z cosh y) dy / 2) for real v and z > 0 (trapezoid rule).
 
-    The nodes span the region where the integrand is above exp(-50) of its maximum (they are
-    constants for autodiff), so derivatives of every order in v and z are the trapezoid rule of
-    the exact derivatives; the rule converges exponentially (the integrand is analytic and
-    decays double-exponentially).
+    The nodes y = t* + u span the region where the integrand is above exp(-50) of its maximum;
+    they are constants for autodiff, so derivatives of every order in v and z are the trapezoid
+    rule of the exact derivatives, written in the centred u and cosh y - 1 (well conditioned).
+    The rule converges exponentially: the integrand is analytic and decays double-exponentially.
     """
     v, z = jnp.broadcast_arrays(jnp.asarray(v), jnp.asarray(z))
     dtype = jnp.result_type(v.dtype, z.dtype, float)
     v, z = v.astype(dtype), z.astype(dtype)
-    plus, minus, _, peak = cosh_mode_parameters(v, z)
-    lo, hi = jax.lax.stop_gradient(cosh_drop_bounds(plus, minus, _BESSEL_DROP))
+    plus, minus, mode, _ = jax.lax.stop_gradient(cosh_mode_parameters(v, z))
+    lo, hi = cosh_drop_bounds(plus, minus, _BESSEL_DROP)
     step = (hi - lo) / _BESSEL_NODES
-    nodes = lo[..., None] + step[..., None] * jnp.arange(_BESSEL_NODES + 1, dtype=dtype)
-    drops = cosh_drop(nodes, plus[..., None], minus[..., None])
-    return peak + jax.nn.logsumexp(-drops, axis=-1) + jnp.log(step) - math.log(2.0)
+    u = lo[..., None] + step[..., None] * jnp.arange(_BESSEL_NODES + 1, dtype=dtype)
+    cosh_minus_one = 2.0 * jnp.sinh(0.5 * (mode[..., None] + u)) ** 2
+    # the exponent's maximum, z - sqrt(z^2 + v^2) = -v^2 / (s + z), keeps exp() in range
+    shift = jax.lax.stop_gradient(-v * v / (0.5 * (plus + minus) + z))
+    exponent = v[..., None] * u - z[..., None] * cosh_minus_one - shift[..., None]
+    return (v * mode - z + shift + jax.nn.logsumexp(exponent, axis=-1) + jnp.log(step)
+            - math.log(2.0))
