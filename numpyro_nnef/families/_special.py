@@ -237,15 +237,14 @@ _BESSEL_NODES = 192
 _BESSEL_DROP = 50.0
 
 
-def cosh_mode_parameters(v: Array, z: Array) -> tuple[Array, Array, Array, Array]:
-    """(s + v, s - v, t*, g(t*)) with s = sqrt(z^2 + v^2), s -+ v = z^2 / (s +- v) when small."""
+def cosh_mode_parameters(v: Array, z: Array) -> tuple[Array, Array, Array]:
+    """(s + v, s - v, t*) with s = sqrt(z^2 + v^2), s -+ v = z^2 / (s +- v) when small."""
     positive = v >= 0
     vp, vm = jnp.where(positive, v, 0.0), jnp.where(positive, 0.0, v)
     s_plus_vp, s_minus_vm = jnp.hypot(z, vp) + vp, jnp.hypot(z, vm) - vm    # both >= z > 0
     plus = jnp.where(positive, s_plus_vp, z * (z / s_minus_vm))
     minus = jnp.where(positive, z * (z / s_plus_vp), s_minus_vm)
-    mode = jnp.log(plus / z)
-    return plus, minus, mode, v * mode - 0.5 * (plus + minus)
+    return plus, minus, jnp.log(plus / z)
 
 
 def cosh_drop(u: Array, plus: Array, minus: Array) -> Array:
@@ -284,7 +283,7 @@ def log_bessel_k(v: Array, z: Array) -> Array:
     v, z = jnp.broadcast_arrays(jnp.asarray(v), jnp.asarray(z))
     dtype = jnp.result_type(v.dtype, z.dtype, float)
     v, z = v.astype(dtype), z.astype(dtype)
-    plus, minus, mode, _ = jax.lax.stop_gradient(cosh_mode_parameters(v, z))
+    plus, minus, mode = jax.lax.stop_gradient(cosh_mode_parameters(v, z))
     lo, hi = cosh_drop_bounds(plus, minus, _BESSEL_DROP)
     step = (hi - lo) / _BESSEL_NODES
     u = lo[..., None] + step[..., None] * jnp.arange(_BESSEL_NODES + 1, dtype=dtype)

@@ -108,7 +108,7 @@ class GIG(ExponentialFamily):
         p, a, b = self.p_a_b_from_natural(eta)
         dtype = jnp.result_type(eta.dtype, float)
         shape = tuple(sample_shape) + p.shape
-        plus, minus, mode, _ = cosh_mode_parameters(p.astype(dtype), jnp.sqrt(a * b).astype(dtype))
+        plus, minus, mode = cosh_mode_parameters(p.astype(dtype), jnp.sqrt(a * b).astype(dtype))
         u_lo, u_hi = _drop_one_points(plus, minus)
         u = _log_scale_draws(key, *(jnp.broadcast_to(c, shape) for c in (plus, minus, u_lo, u_hi)))
         return jnp.exp(mode + 0.5 * (jnp.log(b) - jnp.log(a)) + u).astype(dtype)
@@ -134,7 +134,7 @@ def _moment_nodes(p: Array, w: Array) -> Array:
     """Nodes y = log x spanning the integrands of log K at orders p - 2 ... p + 2 (where each is
     above exp(-50) of its maximum); constants for autodiff."""
     orders = p + jnp.arange(-2.0, 3.0, dtype=w.dtype)
-    plus, minus, mode, _ = cosh_mode_parameters(orders, jnp.broadcast_to(w, orders.shape))
+    plus, minus, mode = cosh_mode_parameters(orders, jnp.broadcast_to(w, orders.shape))
     lo, hi = cosh_drop_bounds(plus, minus, _MOMENT_DROP)
     start, stop = jnp.min(mode + lo), jnp.max(mode + hi)
     nodes = start + (stop - start) / _MOMENT_NODES * jnp.arange(_MOMENT_NODES + 1, dtype=w.dtype)
