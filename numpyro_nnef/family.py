@@ -70,7 +70,8 @@ class ExponentialFamily:
     ``closed_form_log_partition(eta)`` for one flat eta (``ExactOracle`` uses it), and may
     implement ``closed_form_mean(eta)`` (= grad A, a smaller program than autodiff) and
     ``closed_form_mean_and_log_partition(eta)`` (both from one computation),
-    ``closed_form_natural_from_mean(mu)`` and ``sample_exact(key, eta, sample_shape)``.
+    ``closed_form_covariance(eta)`` (= Hessian A, where the Jacobian of the mean cancels
+    digits), ``closed_form_natural_from_mean(mu)`` and ``sample_exact(key, eta, sample_shape)``.
     """
 
     name: str = "ExponentialFamily"

@@ -18,6 +18,7 @@ import scipy.special as sp
 
 from numpyro_nnef import EFDistribution, QuadratureOracle, generate_dataset, sample_family
 from numpyro_nnef.families import (
+    GIG,
     REGISTRY,
     Bernoulli,
     Beta,
@@ -445,3 +446,206 @@ def test_to_numpyro_batch_shapes(name):
     assert d.support.is_discrete == (name in DISCRETE)
     with pytest.raises(ValueError, match=name):
         family.to_numpyro(jnp.zeros((2, family.stat_dim + 1)))
+
+
+# ---------------------------------------------------------------------------- GIG
+
+_GIG = GIG()
+# (p, a, b): p < 0, p = 0, p ~ 0, p > 0, |p| = 50; sqrt(a b) from 0.001 to 1000
+_GIG_CASES = [(1.0, 2.0, 2.0), (-0.5, 1.0, 3.0), (0.0, 0.7, 0.4), (-3.2, 0.01, 5.0),
+              (2.5, 4.0, 0.02), (1e-3, 1e3, 1e3), (-7.0, 3e-3, 6e-3), (20.0, 0.5, 1.5),
+              (50.0, 1e-3, 1e-3), (-50.0, 1.0, 1e-6)]
+_GIG_ETAS = jnp.array([[-a / 2, -b / 2, p - 1.0] for p, a, b in _GIG_CASES])   # by hand
+
+
+@functools.cache
+def gig_moments():
+    o = ExactOracle(_GIG)
+    return jax.jit(lambda eta: (o.log_partition(eta), o.mean(eta), o.covariance(eta)))
+
+
+def _gig_log_density(p: float, a: float, b: float):
+    """Unnormalised log density of y = log x, exp(p y - (a e^y + b e^-y) / 2), less its maximum,
+    and the mode (for scipy quadrature)."""
+    w = np.sqrt(a * b)
+    mode = np.arcsinh(p / w) + 0.5 * np.log(b / a)
+
+    def log_f(y):
+        return p * y - 0.5 * (a * np.exp(y) + b * np.exp(-y))
+
+    peak = log_f(mode)
+    return (lambda y: log_f(y) - peak), mode, peak
+
+
+def _gig_quadrature(p: float, a: float, b: float):
+    """(A, E[T], Cov[T]) by scipy.integrate.quad on the log scale, T = (x, 1/x, log x)."""
+    from scipy.integrate import IntegrationWarning, quad
+
+    log_f, mode, peak = _gig_log_density(p, a, b)
+    width = 1.0 / np.sqrt(np.hypot(np.sqrt(a * b), p))     # 1 / sqrt(-g'') at the mode
+    stats = [np.exp, lambda y: np.exp(-y), lambda y: y]
+
+    def reach(direction):
+        """The first y from the mode on where even x^2 or x^-2 times the density is < e^-100."""
+        y = mode
+        while log_f(y) + 2 * abs(y - mode) > -100:
+            y += direction * width
+        return y
+
+    lo, hi = reach(-1), reach(1)
+
+    def integral(fn):
+        pieces = [(lo, mode - width), (mode - width, mode + width), (mode + width, hi)]
+        with warnings.catch_warnings():
+            # sqrt(a b) = 1000: quad reports round-off on the centred products (Cov[x, 1/x] is
+            # 1e-6 of the terms); it still agrees with the exact oracle to 1e-8 below
+            warnings.simplefilter("ignore", IntegrationWarning)
+            return sum(quad(lambda y: fn(y) * np.exp(log_f(y)), a, b, epsabs=0, epsrel=1e-10,
+                            limit=500)[0] for a, b in pieces)
+
+    z = integral(lambda y: 1.0)
+    mean = np.array([integral(s) / z for s in stats])
+    cov = np.array([[integral(lambda y, s=s, t=t, ms=ms, mt=mt: (s(y) - ms) * (t(y) - mt)) / z
+                     for t, mt in zip(stats, mean, strict=True)]
+                    for s, ms in zip(stats, mean, strict=True)])
+    return np.log(z) + peak, mean, cov
+
+
+def test_gig_registered_and_layout():
+    assert REGISTRY["GIG"] is GIG and get_family("GIG") == _GIG
+    assert _GIG.stat_labels == ("x", "inv_x", "log_x") and _GIG.event_shape == ()
+    assert _GIG.has_closed_form and _GIG.has_exact_sampler and not hasattr(_GIG, "to_numpyro")
+    assert family_from_description(json.loads(json.dumps(_GIG.describe()))) == _GIG
+    assert "a > 0 and b > 0" in _GIG.natural_constraint.description
+    p, a, b = _GIG.p_a_b_from_natural(_GIG.natural_from_p_a_b(-0.3, 2.0, 5.0))
+    np.testing.assert_allclose([p, a, b], [-0.3, 2.0, 5.0], rtol=1e-15)
+
+
+def test_log_bessel_k_against_scipy():
+    """log K_v(z) of real order to 1e-12 relative in K over |v| <= 50, 1e-3 <= z <= 1e3; its
+    v-derivative against central differences of scipy, its z-derivative against the
+    recurrence K_v' = -(K_{v-1} + K_{v+1}) / 2."""
+    from numpyro_nnef.families._special import log_bessel_k
+
+    v, z = np.meshgrid([-50.0, -7.3, -1.0, -0.5, 0.0, 1e-3, 0.5, 2.2, 15.0, 50.0],
+                       np.geomspace(1e-3, 1e3, 19), indexing="ij")
+    v, z = v.ravel(), z.ravel()
+    ref = np.log(sp.kve(v, z)) - z
+
+    @jax.jit
+    def value_and_grads(v, z):
+        return log_bessel_k(v, z), jax.vmap(jax.grad(log_bessel_k, (0, 1)))(v, z)
+
+    ours, (dv, dz) = value_and_grads(v, z)
+    np.testing.assert_allclose(np.expm1(ours - ref), 0.0, atol=1e-12)
+    h = 1e-5
+    fd = (np.log(sp.kve(v + h, z)) - np.log(sp.kve(v - h, z))) / (2 * h)
+    np.testing.assert_allclose(dv, fd, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(dz, -(sp.kve(v - 1, z) + sp.kve(v + 1, z)) / (2 * sp.kve(v, z)),
+                               rtol=1e-11)
+    v32 = log_bessel_k(jnp.float32(2.5), jnp.float32(0.3))
+    assert v32.dtype == jnp.float32
+    np.testing.assert_allclose(v32, np.log(sp.kv(2.5, 0.3)), rtol=1e-6)
+
+
+def test_gig_log_partition_mean_covariance():
+    """A, E[T], Cov[T] against scipy quadrature of the density (A to 1e-8, correlations to
+    1e-8); E x and E 1/x also against the Bessel ratios sqrt(b/a) K_{p+1}/K_p and
+    sqrt(a/b) K_{p-1}/K_p of scipy."""
+    assert bool(jnp.all(_GIG.in_domain(_GIG_ETAS)))
+    log_z, mean, cov = (np.asarray(v) for v in gig_moments()(_GIG_ETAS))
+    for i, (p, a, b) in enumerate(_GIG_CASES):
+        msg = f"GIG p={p}, a={a}, b={b}"
+        ref_a, ref_mean, ref_cov = _gig_quadrature(p, a, b)
+        np.testing.assert_allclose(log_z[i], ref_a, rtol=1e-8, atol=1e-8, err_msg=msg)
+        np.testing.assert_allclose(mean[i], ref_mean, rtol=1e-8, atol=1e-10, err_msg=msg)
+        sd = np.sqrt(np.diag(ref_cov))
+        np.testing.assert_allclose(cov[i] / np.outer(sd, sd), ref_cov / np.outer(sd, sd),
+                                   rtol=1e-8, atol=1e-10, err_msg=msg)
+        w = np.sqrt(a * b)
+        ratio_up, ratio_down = (sp.kve(p + 1, w) / sp.kve(p, w), sp.kve(p - 1, w) / sp.kve(p, w))
+        np.testing.assert_allclose(mean[i, :2], [np.sqrt(b / a) * ratio_up,
+                                                 np.sqrt(a / b) * ratio_down], rtol=1e-12)
+        np.testing.assert_allclose(log_z[i], np.log(2 * sp.kve(p, w)) - w + p / 2 * np.log(b / a),
+                                   rtol=1e-12, atol=1e-12)
+    # the closed-form mean and covariance are the gradient and Hessian of A (autodiff loses
+    # digits to cancellation, e.g. in E 1/x = sqrt(a/b) K_{p+1}/K_p - 2p/b where a b is small)
+    moderate = _GIG_ETAS[:8]
+    grad, hessian = jax.jit(jax.vmap(lambda eta: (
+        jax.grad(_GIG.closed_form_log_partition)(eta),
+        jax.jacfwd(_GIG.closed_form_mean)(eta))))(moderate)
+    np.testing.assert_allclose(grad, mean[:8], rtol=1e-7)
+    np.testing.assert_allclose(hessian, cov[:8], rtol=1e-6, atol=1e-9)
+    assert np.all(np.linalg.eigvalsh(cov) > 0)
+
+
+def test_gig_special_cases():
+    """p = -1/2 (inverse Gaussian, mean sqrt(b/a), K_{1/2}(w) = sqrt(pi / 2w) e^-w) and the
+    Gamma limit b -> 0 (p > 0)."""
+    a, b = 2.0, 3.0
+    log_z, mean, _ = gig_moments()(_GIG.natural_from_p_a_b(-0.5, a, b)[None])
+    w = np.sqrt(a * b)
+    np.testing.assert_allclose(log_z[0], np.log(np.sqrt(2 * np.pi / w) * np.exp(-w))
+                               - 0.25 * np.log(b / a), rtol=1e-13)
+    np.testing.assert_allclose(mean[0, :2], [np.sqrt(b / a), np.sqrt(a / b) + 1 / b],
+                               rtol=1e-13)
+    shape, rate = 2.5, 1.5
+    _, mean, _ = gig_moments()(_GIG.natural_from_p_a_b(shape, 2 * rate, 1e-12)[None])
+    np.testing.assert_allclose(mean[0, [0, 2]], [shape / rate,
+                                                 sp.digamma(shape) - np.log(rate)], rtol=1e-9)
+
+
+def test_gig_natural_from_mean_round_trip():
+    etas = _GIG_ETAS[:5]
+    mu = gig_moments()(etas)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = ExactOracle(_GIG).natural_from_mean(mu)
+    np.testing.assert_allclose(back, etas, rtol=1e-7, atol=1e-9)
+
+
+def test_gig_natural_domain():
+    outside = jnp.array([[0.5, -1.0, 0.0], [-1.0, 0.0, 2.0], [0.0, 0.0, -3.0],
+                         [-1.0, -1.0, np.nan], [-np.inf, -1.0, 0.0]])
+    inside = jnp.array([[-1.0, -1.0, 0.0], [-1e-6, -300.0, -40.0]])
+    np.testing.assert_array_equal(_GIG.in_domain(jnp.concatenate([inside, outside])),
+                                  [True] * 2 + [False] * 5)
+    for bad in outside:
+        with pytest.raises(OutOfDomainError, match="GIG"):
+            _GIG.validate_natural(bad)
+        with pytest.raises(OutOfDomainError, match="a > 0 and b > 0"):
+            EFDistribution(_GIG, bad, validate_args=True)
+
+
+def test_gig_sample_exact(key):
+    """Shapes, support, reproducibility; sample means of x, 1/x and log x within 4 Monte Carlo
+    standard errors of the exact E[T], for p < 0, p = 0, p > 0 and sqrt(a b) small and large."""
+    x = _GIG.sample_exact(key, _GIG_ETAS, (NUM_DRAWS,))
+    assert x.shape == (NUM_DRAWS, len(_GIG_CASES)) and x.dtype == jnp.float64
+    assert bool(jnp.all(x > 0))
+    np.testing.assert_array_equal(x[:3], _GIG.sample_exact(key, _GIG_ETAS, (NUM_DRAWS,))[:3])
+    t = np.asarray(_GIG.sufficient_statistics(x))
+    assert np.all(np.isfinite(t))
+    _, mean, cov = (np.asarray(v) for v in gig_moments()(_GIG_ETAS))
+    se = np.sqrt(np.diagonal(cov, axis1=-2, axis2=-1) / NUM_DRAWS)
+    z = np.abs(t.mean(0) - mean) / se
+    assert np.all(z < 4), f"sample means {t.mean(0)}, exact {mean}, |z| = {z}"
+    assert _GIG.sample_exact(key, _GIG_ETAS[0]).shape == ()
+    outside = jnp.array([[1.0, -1.0, 0.0], [-1.0, -1.0, 0.0]])       # a < 0: NaN, no endless loop
+    draws = _GIG.sample_exact(key, outside, (5,))
+    assert bool(jnp.all(jnp.isnan(draws[:, 0]))) and bool(jnp.all(draws[:, 1] > 0))
+
+
+def test_gig_ef_distribution(key):
+    """EFDistribution(GIG): log_prob is the density written with scipy's K_p, draws of q."""
+    etas = _GIG_ETAS[:4]
+    d = EFDistribution(_GIG, etas, validate_args=True)
+    x = d.sample(key, (3,))
+    assert x.shape == (3, 4)
+    log_p = np.asarray(jax.jit(lambda etas, x: EFDistribution(_GIG, etas).log_prob(x))(etas, x))
+    for i, (p, a, b) in enumerate(_GIG_CASES[:4]):
+        xi = np.asarray(x[:, i])
+        w = np.sqrt(a * b)
+        ref = ((p - 1) * np.log(xi) - 0.5 * (a * xi + b / xi) - np.log(2 * sp.kve(p, w)) + w
+               - p / 2 * np.log(b / a))
+        np.testing.assert_allclose(log_p[:, i], ref, rtol=1e-12)

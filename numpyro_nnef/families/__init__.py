@@ -1,7 +1,7 @@
 """Built-in exponential families, each with a closed-form log-partition and an exact sampler.
 
 Families with a standard NumPyro equivalent also have ``to_numpyro(eta)`` (all but
-RectifiedGaussian, LaplaceProduct and GaussLaplace). Categorical, Bernoulli and Poisson are
+RectifiedGaussian, LaplaceProduct, GaussLaplace and GIG). Categorical, Bernoulli and Poisson are
 discrete: ``ExactOracle`` and ``sample_exact`` only (quadrature and NUTS need a continuous x).
 
 ``REGISTRY`` maps class names to classes; ``get_family(name, **kwargs)`` builds one by name.
@@ -14,6 +14,7 @@ from .circular import VonMises
 from .discrete import Bernoulli, Categorical, Poisson
 from .gamma_beta import Beta, Gamma
 from .gaussian import Gaussian, MultivariateNormal
+from .gig import GIG
 from .laplace import LaplaceProduct
 from .positive import Exponential, InverseGamma
 from .rectified import GaussLaplace, RectifiedGaussian
@@ -36,6 +37,7 @@ REGISTRY: dict[str, type[ExponentialFamily]] = {
         Categorical,
         Bernoulli,
         Poisson,
+        GIG,
     )
 }
 
@@ -76,6 +78,7 @@ __all__ = [
     "Categorical",
     "Dirichlet",
     "Exponential",
+    "GIG",
     "GaussLaplace",
     "Gamma",
     "Gaussian",

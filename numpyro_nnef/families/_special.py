@@ -227,3 +227,69 @@ def jit_sampler(method: Callable) -> Callable:
         return compiled(self, key, jnp.asarray(eta), tuple(int(n) for n in sample_shape))
 
     return sample_exact
+
+
+# ---------------------------------------------------------------------- log K_v(z), real v
+# 2 K_v(z) = int_R exp(g(y)) dy with g(y) = v y - z cosh y, concave with mode t* = asinh(v/z).
+# Around the mode, g(t*) - g(t* + u) = [(s + v)(e^u - 1 - u) + (s - v)(e^-u - 1 + u)] / 2 with
+# s = sqrt(z^2 + v^2): two nonnegative terms, no cancellation between them.
+_BESSEL_NODES = 192
+_BESSEL_DROP = 50.0
+
+
+def cosh_mode_parameters(v: Array, z: Array) -> tuple[Array, Array, Array]:
+    """(s + v, s - v, t*) with s = sqrt(z^2 + v^2), s -+ v = z^2 / (s +- v) when small."""
+    positive = v >= 0
+    vp, vm = jnp.where(positive, v, 0.0), jnp.where(positive, 0.0, v)
+    s_plus_vp, s_minus_vm = jnp.hypot(z, vp) + vp, jnp.hypot(z, vm) - vm    # both >= z > 0
+    plus = jnp.where(positive, s_plus_vp, z * (z / s_minus_vm))
+    minus = jnp.where(positive, z * (z / s_plus_vp), s_minus_vm)
+    return plus, minus, jnp.log(plus / z)
+
+
+def cosh_drop(u: Array, plus: Array, minus: Array) -> Array:
+    """g(t*) - g(t* + u) >= 0 from (s + v, s - v) of ``cosh_mode_parameters``; convex in u."""
+    return 0.5 * (plus * (jnp.expm1(u) - u) + minus * (jnp.expm1(-u) + u))
+
+
+def cosh_drop_slope(u: Array, plus: Array, minus: Array) -> Array:
+    """d/du cosh_drop(u, plus, minus) = [(s + v) expm1(u) - (s - v) expm1(-u)] / 2."""
+    return 0.5 * (plus * jnp.expm1(u) - minus * jnp.expm1(-u))
+
+
+def _drop_reach(steep: Array, shallow: Array, drop: float | Array) -> Array:
+    """u > 0 with [steep (e^u - 1 - u) + shallow (e^-u - 1 + u)] / 2 >= drop.
+
+    e^u - 1 - u >= u^2 / 2, and >= e^u / 2 for u >= 1.7; e^-u - 1 + u >= u - 1.
+    """
+    ratio = 4.0 * drop / steep
+    by_steep = jnp.minimum(jnp.sqrt(ratio), jnp.maximum(1.7, jnp.log(ratio)))
+    return jnp.minimum(by_steep, 1.0 + 2.0 * drop / shallow)
+
+
+def cosh_drop_bounds(plus: Array, minus: Array, drop: float | Array) -> tuple[Array, Array]:
+    """(u_lo < 0 < u_hi) with cosh_drop >= drop for u <= u_lo and for u >= u_hi."""
+    return -_drop_reach(minus, plus, drop), _drop_reach(plus, minus, drop)
+
+
+def log_bessel_k(v: Array, z: Array) -> Array:
+    """log K_v(z) = log(int_R exp(v y - z cosh y) dy / 2) for real v and z > 0 (trapezoid rule).
+
+    The nodes y = t* + u span the region where the integrand is above exp(-50) of its maximum;
+    they are constants for autodiff, so derivatives of every order in v and z are the trapezoid
+    rule of the exact derivatives, written in the centred u and cosh y - 1 (well conditioned).
+    The rule converges exponentially: the integrand is analytic and decays double-exponentially.
+    """
+    v, z = jnp.broadcast_arrays(jnp.asarray(v), jnp.asarray(z))
+    dtype = jnp.result_type(v.dtype, z.dtype, float)
+    v, z = v.astype(dtype), z.astype(dtype)
+    plus, minus, mode = jax.lax.stop_gradient(cosh_mode_parameters(v, z))
+    lo, hi = cosh_drop_bounds(plus, minus, _BESSEL_DROP)
+    step = (hi - lo) / _BESSEL_NODES
+    u = lo[..., None] + step[..., None] * jnp.arange(_BESSEL_NODES + 1, dtype=dtype)
+    cosh_minus_one = 2.0 * jnp.sinh(0.5 * (mode[..., None] + u)) ** 2
+    # the exponent's maximum, z - sqrt(z^2 + v^2) = -v^2 / (s + z), keeps exp() in range
+    shift = jax.lax.stop_gradient(-v * v / (0.5 * (plus + minus) + z))
+    exponent = v[..., None] * u - z[..., None] * cosh_minus_one - shift[..., None]
+    return (v * mode - z + shift + jax.nn.logsumexp(exponent, axis=-1) + jnp.log(step)
+            - math.log(2.0))

@@ -61,7 +61,7 @@ FIT_TOLERANCE = 1e-7
 # built-in families with exact oracles that CAVI may assign to a site, tried smallest first
 NAMED_FAMILIES = ("Gaussian", "GaussLaplace", "Gamma", "Exponential", "InverseGamma",
                   "RectifiedGaussian", "Beta", "VonMises", "Bernoulli", "Categorical",
-                  "Dirichlet", "Poisson", "MultivariateNormal")
+                  "Dirichlet", "Poisson", "MultivariateNormal", "GIG")
 
 
 @dataclasses.dataclass(frozen=True)

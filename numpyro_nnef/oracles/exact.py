@@ -26,6 +26,8 @@ class ExactOracle(Oracle):
         # than the gradient of A
         mean = getattr(family, "closed_form_mean", None)
         self._mean = None if mean is None else jax.jit(mean)
+        covariance = getattr(family, "closed_form_covariance", None)
+        self._covariance = None if covariance is None else jax.jit(covariance)
         joint = getattr(family, "closed_form_mean_and_log_partition", None)
         self._joint = None if joint is None else jax.jit(joint)
         closed = getattr(family, "closed_form_natural_from_mean", None)
@@ -38,6 +40,10 @@ class ExactOracle(Oracle):
     def mean_single(self, eta: Array) -> Array:
         """E[T] = grad A(eta), in closed form when the family has one."""
         return super().mean_single(eta) if self._mean is None else self._mean(eta)
+
+    def covariance_single(self, eta: Array) -> Array:
+        """Cov[T] = Hessian A(eta), in closed form when the family has one."""
+        return super().covariance_single(eta) if self._covariance is None else self._covariance(eta)
 
     def mean_and_log_partition_single(self, eta: Array) -> tuple[Array, Array]:
         """(E[T], A(eta)), from one closed-form computation when the family has one."""
