@@ -18,7 +18,9 @@ support: s(x) = B T(x) + c exactly, so that eta_family = B^T d ELJ / d mu_s and 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -33,8 +35,8 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density
 
 from .. import families
-from ..family import ExponentialFamily
-from ..oracles import ExactOracle
+from ..family import ExponentialFamily, NaturalDomain
+from ..oracles import ExactOracle, QuadratureOracle
 from .symbolic import (
     Factor,
     NonConjugateError,
@@ -46,6 +48,7 @@ from .symbolic import (
 )
 
 Array = jax.Array
+logger = logging.getLogger("numpyro_nnef")
 
 __all__ = ["LatentSite", "SiteFamily", "ConjugateModel", "analyse_model", "NonConjugateError"]
 
@@ -545,11 +548,132 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
             if key is not None:
                 _RESOLVED[key] = (fam, *fit)
             return SiteFamily(fam, ExactOracle(fam), *fit)
+    if not site.element_shape:
+        return quadrature_family(model, site, elements)
     raise NonConjugateError(
         f"site {site.name!r} (support {site.support}, element shape {site.element_shape}): no "
-        f"named family has the statistics [{names}] that its complete conditional has. Define "
-        f"the family, e.g. ExponentialFamily.from_statistics('MyFamily', lambda x: {{...}}, "
+        f"named family has the statistics [{names}] that its complete conditional has, and "
+        f"automatic (quadrature) families exist only for scalar elements. Define the family, "
+        f"e.g. ExponentialFamily.from_statistics('MyFamily', lambda x: {{...}}, "
         f"event_shape={site.element_shape}, support=...), generate a dataset "
         f"(generate_dataset), train an oracle (train_oracle) and pass it as "
         f"CAVIGuide(model, oracles={{{site.name!r}: oracle}})."
     )
+
+
+# automatic quadrature families by (statistic names, support, fingerprint of the statistics)
+_AUTOMATIC: dict[tuple, tuple[ExponentialFamily, QuadratureOracle, np.ndarray, np.ndarray]] = {}
+
+
+def scalar_support(support: constraints.Constraint) -> constraints.Constraint | None:
+    """``support`` with scalar bounds, when QuadratureOracle can integrate over it (continuous,
+    event_dim 0, a bijection to the real line or a circle, the same bounds for every element);
+    else None."""
+    if support.is_discrete or support.event_dim != 0:
+        return None
+    bounds = {k: np.asarray(getattr(support, k)) for k in ("lower_bound", "upper_bound")
+              if hasattr(support, k)}
+    if any(b.size == 0 or np.ptp(b) > 0 for b in bounds.values()):
+        return None
+    if any(b.ndim for b in bounds.values()):
+        support = copy.copy(support)
+        for k, b in bounds.items():
+            setattr(support, k, float(b.flat[0]))
+    if isinstance(support, constraints._Circular):
+        return support
+    try:
+        biject_to(support)
+    except NotImplementedError:
+        return None
+    return support
+
+
+def independent_columns(values: np.ndarray, rtol: float = 1e-8) -> list[int]:
+    """Indices of columns of ``values`` (N, k) that, in order, are linearly independent of the
+    constant column and of the columns kept before them (greedy Gram-Schmidt)."""
+    basis = [np.ones(len(values)) / np.sqrt(len(values))]
+    keep = []
+    for j in range(values.shape[1]):
+        v = values[:, j].astype(np.float64)
+        norm = np.linalg.norm(v)
+        for _ in range(2):  # twice is enough (Kahan)
+            v = v - np.stack(basis, 1) @ (np.stack(basis, 1).T @ v)
+        if np.linalg.norm(v) > rtol * max(norm, 1e-300):
+            basis.append(v / np.linalg.norm(v))
+            keep.append(j)
+    return keep
+
+
+def quadrature_family(model: ConjugateModel, site: LatentSite, elements: np.ndarray
+                      ) -> SiteFamily:
+    """A family for a scalar site whose statistics no named family spans: T(x) = the
+    linearly independent statistics s_j(x) of its complete conditional, h = 1, the site's
+    support, natural domain {eta : A(eta) < inf}, with a QuadratureOracle (no training)."""
+    stats = model.stats[site.name]
+    names = ", ".join(st.name for st in stats)
+    support = scalar_support(_base_distribution(site.prior).support)
+    if support is None:
+        raise NonConjugateError(
+            f"site {site.name!r} (support {site.support}): no named family has the statistics "
+            f"[{names}] that its complete conditional has, and an automatic quadrature family "
+            f"needs a continuous scalar support with the same bounds for every element")
+    values = model.site_stat_batch(site.name, elements)
+    if not np.all(np.isfinite(values)):
+        raise NonConjugateError(
+            f"site {site.name!r}: the statistics [{names}] of its complete conditional are not "
+            f"finite on its support {support}")
+    columns = independent_columns(values)
+    probe = np.asarray(biject_to(support)(jnp.linspace(-3.0, 3.0, 7))) if not isinstance(
+        support, constraints._Circular) else np.linspace(-3.0, 3.0, 7)
+    key = (tuple(st.name for st in stats), str(support), tuple(columns),
+           model.site_stat_batch(site.name, probe).round(12).tobytes())
+    if key not in _AUTOMATIC:
+        family = _statistics_family(site, stats, columns, support)
+        oracle = QuadratureOracle(family)
+        family.natural_constraint = NaturalDomain(
+            oracle.integrable, "A(eta) finite: exp(eta . T(x)) integrable on the support, as "
+            "far as the quadrature's search grid tells", _feasible(oracle))
+        fit = fit_statistics(lambda x: model.site_stat_batch(site.name, x), family, elements)
+        if fit is None:
+            raise NonConjugateError(
+                f"site {site.name!r}: the automatic family's statistics do not reproduce "
+                f"[{names}] (a fit s = B T + c failed); please report it")
+        logger.info("site %r: no named family has [%s]; using a quadrature family",
+                    site.name, names)
+        _AUTOMATIC[key] = (family, oracle, *fit)
+    family, oracle, B, c = _AUTOMATIC[key]
+    return SiteFamily(family, oracle, B, c)
+
+
+def _statistics_family(site: LatentSite, stats: list[Stat], columns: list[int],
+                       support: constraints.Constraint) -> ExponentialFamily:
+    """The family T(x) = (selected flat statistics of the site)(x), a function of scalar x."""
+    sizes = [int(np.prod(jax.eval_shape(st, np.float64(0.5)).shape)) for st in stats]
+    labels = [st.name if n == 1 else f"{st.name}[{i}]" for st, n in zip(stats, sizes,
+                                                                           strict=True)
+              for i in range(n)]
+    elementwise = all(a.elementwise for st in stats for a, _ in st.atoms)
+
+    def flat(x: Array) -> Array:
+        parts = [jnp.reshape(st(x), (*jnp.shape(x), -1)) for st in stats]
+        return jnp.concatenate(parts, axis=-1)[..., jnp.asarray(columns)]
+
+    def statistics(x: Array) -> dict[str, Array]:
+        x = jnp.asarray(x)
+        if elementwise:
+            t = flat(x)
+        else:  # vector statistics of a scalar element: one element at a time
+            t = jax.vmap(flat)(x.reshape(-1)).reshape((*x.shape, len(columns)))
+        return {labels[j]: t[..., k] for k, j in enumerate(columns)}
+
+    return ExponentialFamily.from_statistics(f"Quadrature[{', '.join(labels[j] for j in columns)}]",
+                                             statistics, event_shape=(), support=support)
+
+
+def _feasible(oracle: QuadratureOracle) -> np.ndarray:
+    """A natural parameter with A(eta) < inf: the first integrable one of 0 (bounded supports),
+    -e_k for each statistic, and -1 (all statistics); zeros when none is."""
+    d = oracle.family.stat_dim
+    candidates = np.concatenate([np.zeros((1, d)), -np.eye(d), -np.ones((1, d))])
+    ok = np.asarray(oracle.integrable(jnp.asarray(candidates)))
+    return candidates[int(np.argmax(ok))] if ok.any() else np.zeros(d)

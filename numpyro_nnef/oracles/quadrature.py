@@ -63,6 +63,22 @@ def _window(g: Array, threshold: float) -> tuple[Array, Array]:
             jnp.where(empty, size - 1, jnp.minimum(last + 1, size - 1)))
 
 
+def _diverges(g: Array, threshold: float) -> Array:
+    """Whether exp(g) fails to decay at an end of the grid, as far as the grid can tell: g is
+    within ``threshold`` of its maximum at the first or last point where it is finite and does
+    not decrease outwards there (or g is nowhere finite). The ends are the outermost finite
+    points, because statistics such as x^2 overflow before the grid's end (g = -inf there)."""
+    size = g.shape[0]
+    idx = jnp.arange(size)
+    finite = g > -jnp.inf
+    first = jnp.min(jnp.where(finite, idx, size - 1))
+    last = jnp.max(jnp.where(finite, idx, 0))
+    near = g >= jnp.max(g) - threshold
+    rising_out_first = g[first] >= g[jnp.minimum(first + 1, size - 1)]
+    rising_out_last = g[last] >= g[jnp.maximum(last - 1, 0)]
+    return ~jnp.any(finite) | (near[first] & rising_out_first) | (near[last] & rising_out_last)
+
+
 def _interp(x: Array, xp: Array, fp: Array) -> Array:
     """Piecewise-linear interpolation for increasing xp (small sizes: compares all pairs, which
     compiles much faster than jnp.interp's search)."""
@@ -208,12 +224,7 @@ class QuadratureOracle(Oracle):
             shift = u[jnp.argmax(g)]  # centre the periodic window on the mode
         g, _ = self._log_integrand(eta, u, shift)
         lo, hi = _window(g, thr)
-        diverged = jnp.zeros((), bool)
-        if not self.circular:
-            # Not integrable as far as the grid can tell: near the max at an end, and not
-            # decreasing outwards there.
-            near = g >= jnp.max(g) - thr
-            diverged = (near[0] & (g[0] >= g[1])) | (near[-1] & (g[-1] >= g[-2]))
+        diverged = jnp.zeros((), bool) if self.circular else _diverges(g, thr)
 
         def refine(carry):
             u, g, lo, hi, i = carry
@@ -319,6 +330,25 @@ class QuadratureOracle(Oracle):
         nan = jnp.asarray(jnp.nan, eta.dtype)
         return (jnp.where(diverged, jnp.inf, log_z), jnp.where(diverged, nan, mean),
                 jnp.where(diverged, nan, cov))
+
+    def mean_and_log_partition_single(self, eta: Array) -> tuple[Array, Array]:
+        """(E[T | eta], A(eta)) from one set of integrand evaluations."""
+        log_z, mean, _ = self.log_partition_and_moments_single(eta)
+        return mean, log_z
+
+    def integrable_single(self, eta: Array) -> Array:
+        """Whether A(eta) < inf as far as the search grid can tell (the test by which
+        ``log_partition`` returns +inf), from the first search grid only."""
+        if self.circular:  # a bounded support: every finite eta
+            return jnp.all(jnp.isfinite(eta))
+        eta = jnp.asarray(eta)
+        u = jnp.asarray(self._search_grid(eta.dtype), eta.dtype)
+        g, _ = self._log_integrand(eta, u, jnp.zeros((), eta.dtype))
+        return jnp.all(jnp.isfinite(eta)) & ~_diverges(g, self.log_threshold)
+
+    def integrable(self, eta: Array) -> Array:
+        """``integrable_single`` over eta of shape ``batch + (stat_dim,)``: shape ``batch``."""
+        return self._batched("integrable_single", eta)
 
     def log_partition_single(self, eta: Array) -> Array:
         """A(eta) = log int h(x) exp(eta . T(x)) dx for one flat eta."""
