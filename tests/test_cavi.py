@@ -142,14 +142,27 @@ def test_guide_works_with_predictive(ng_data):
     assert idata.posterior["mu"].shape == (1, 100)
 
 
-def test_non_conjugate_likelihood_names_the_site(ng_data):
+def test_laplace_likelihood_of_a_scalar_site_gets_a_quadrature_family(ng_data):
+    """mu ~ N(0, 1), y_i ~ Laplace(mu, 1): the statistics x^2 and |y_i - x| (a vector statistic
+    of the scalar mu, kinks at the data) make an automatic family; one site, so q is the exact
+    posterior: E[mu^2] against numpy quadrature on a fine grid (the kinks, which are not panel
+    boundaries, cost the quadrature some accuracy)."""
     def model(y):
         mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
         with numpyro.plate("n", y.shape[0]):
             numpyro.sample("y", dist.Laplace(mu, 1.0), obs=y)
 
-    with pytest.raises(nnef.NonConjugateError, match="mu"):
-        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, ng_data)
+    guide = nnef.CAVIGuide(model)
+    result = nnef.CAVI(model, guide).run(jax.random.key(0), 5, ng_data)
+    fam = guide.conjugate.families["mu"]
+    assert isinstance(fam.oracle, nnef.QuadratureOracle)
+    assert fam.family.stat_dim == 1 + ng_data.shape[0]  # x^2 and one |y_i - x| per datum
+    grid = np.linspace(-10.0, 10.0, 400001)
+    log_p = -0.5 * grid**2 - np.abs(np.asarray(ng_data)[:, None] - grid).sum(0)
+    w = np.exp(log_p - log_p.max())
+    exact = (w * grid**2).sum() / w.sum()
+    second = float(result.state.mean["mu"][fam.family.stat_labels.index("x^2")])
+    np.testing.assert_allclose(second, exact, rtol=1e-3)
 
 
 def test_vector_statistics_without_a_named_family_explain_what_to_do():
@@ -496,3 +509,56 @@ def test_divorce_regression_noise_scale_gets_an_automatic_quadrature_family():
     cavi = np.array([float(state.mean["sigma"][x]), float(state.mean["a"][0]),
                      float(state.mean["bM"][0])])
     assert np.all(np.abs(cavi - mean) < 0.5 * sd), (cavi, mean, sd)
+
+
+def test_nan_in_a_covariate_names_the_argument(lasso_data):
+    X, y = lasso_data
+    bad = X.at[2, 1].set(jnp.nan).at[5, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"argument 'X' \(2 of 120 values\).*finite data"):
+        nnef.CAVI(lasso, nnef.CAVIGuide(lasso)).run(jax.random.key(0), 5, bad, y)
+
+    def model(data):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(w * data["x"], 1.0), obs=data["y"])
+
+    data = {"x": jnp.ones(4).at[0].set(jnp.nan), "y": jnp.ones(4)}
+    with pytest.raises(ValueError, match=r"argument 'data'\['x'\] \(1 of 4 values\)"):
+        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, data)
+
+
+def logistic_regression(X, y):
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
+    numpyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
+
+
+def poisson_regression(X, y):
+    with numpyro.plate("p", X.shape[1]):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", X.shape[0]):
+        numpyro.sample("y", dist.Poisson(jnp.exp(X @ w)), obs=y)
+
+
+@pytest.mark.parametrize("model, term, counts", [
+    (logistic_regression, r"Bernoulli\) contains log-sigmoid of a linear function of w", False),
+    (poisson_regression, r"Poisson\) contains exp of a linear function of w", True),
+])
+def test_non_conjugate_likelihoods_are_named_in_words(lasso_data, model, term, counts):
+    X, y = lasso_data
+    y = jnp.round(jnp.exp(y / 2)) if counts else (y > 0).astype(float)
+    match = (r"not conjugate in site\(s\) 'w': the log density of observed site 'y' \(" + term
+             + r".*conjugate prior/likelihood pair.*Non-conjugate factors .* are planned")
+    with pytest.raises(nnef.NonConjugateError, match=match):
+        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, X, y)
+
+
+def test_a_function_of_several_sites_is_named_in_words(ng_data):
+    def model(y):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.Normal(jnp.exp(a * b), 1.0), obs=y)
+
+    with pytest.raises(nnef.NonConjugateError,
+                       match=r"'a', 'b'.*site 'y' \(Normal\) contains exp of a function of several"
+                             r" sites \(a and b\)"):
+        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, ng_data)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -38,11 +39,13 @@ from .. import families
 from ..family import ExponentialFamily, NaturalDomain
 from ..oracles import ExactOracle, QuadratureOracle
 from .symbolic import (
+    REMEDY,
     Factor,
     NonConjugateError,
     Poly,
     Stat,
     Term,
+    describe,
     evaluate_in_numpy,
     trace_log_density,
 )
@@ -161,6 +164,31 @@ def model_sites(model: Callable, args: tuple, kwargs: dict, key: Array
     if not latent:
         raise ValueError("the model has no latent sample sites: nothing to infer")
     return latent, trace, {n: draws[n][1:] for n in latent}
+
+
+def check_finite_arguments(model: Callable, args: tuple, kwargs: dict) -> None:
+    """ValueError naming every floating-point array argument of the model (covariates included,
+    at any depth of a pytree) that holds NaN or infinite values, with their count."""
+    try:
+        bound = inspect.signature(model).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):  # no signature, or one that does not take these arguments
+        bound = {**{f"#{i}": a for i, a in enumerate(args)}, **kwargs}
+    bad = []
+    for name, value in bound.items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+            if not isinstance(leaf, (np.ndarray, jax.Array, float)):
+                continue
+            leaf = np.asarray(leaf)
+            if leaf.dtype.kind not in "fc":
+                continue
+            count = int((~np.isfinite(leaf)).sum())
+            if count:
+                label = (f"argument {int(name[1:])}" if name.startswith("#")
+                         else f"argument {name!r}") + jax.tree_util.keystr(path)
+                bad.append(f"{label} ({count} of {leaf.size} values)")
+    if bad:
+        raise ValueError(f"NaN or infinite values in the model's data: {'; '.join(bad)}. CAVI "
+                         f"needs finite data: impute, drop or mask them")
 
 
 def finite_supports(sites: Mapping[str, LatentSite]) -> dict[str, np.ndarray]:
@@ -461,7 +489,8 @@ def analyse_model(
     statistics); every other site gets the smallest built-in named family that does.
     """
     oracles = dict(oracles or {})
-    sites, trace, draws = model_sites(model, args, kwargs, key)
+    sites, trace, draws = model_sites(model, args, kwargs, key)  # names NaN in observed sites
+    check_finite_arguments(model, args, kwargs)
     unknown = set(oracles) - set(sites)
     if unknown:
         raise ValueError(f"oracles given for {sorted(unknown)}, which are not latent sites of "
@@ -484,7 +513,12 @@ def analyse_model(
         hash(cache_key)
     except TypeError:  # an unhashable static argument: no caching
         cache_key = None
-    poly = trace_log_density(log_joint, values, draws, finite_supports(sites), data, cache_key)
+    try:
+        poly = trace_log_density(log_joint, values, draws, finite_supports(sites), data,
+                                 cache_key)
+    except NonConjugateError as err:
+        raise locate_non_conjugacy(model, args, kwargs, trace, values, draws,
+                                   finite_supports(sites), err) from err
     if not isinstance(poly, Poly):
         raise ValueError("the model's log density does not depend on its latent sites")
     stats: dict[str, list[Stat]] = {n: [] for n in sites}
@@ -512,6 +546,65 @@ def analyse_model(
     for name, site in sites.items():
         model_.families[name] = resolve_family(model_, site, draws[name], oracles.get(name))
     return model_
+
+
+# distributions whose log density is a log-sigmoid / log-softmax of their logits
+_LOGIT_WORDS = {"BernoulliLogits": "log-sigmoid", "BinomialLogits": "log-sigmoid",
+                "CategoricalLogits": "log-softmax", "MultinomialLogits": "log-softmax"}
+
+
+def locate_non_conjugacy(model: Callable, args: tuple, kwargs: dict, trace: dict,
+                         values: Mapping[str, np.ndarray], draws: Mapping[str, np.ndarray],
+                         finite: Mapping[str, np.ndarray], err: NonConjugateError
+                         ) -> NonConjugateError:
+    """``err`` restated for the sample site whose own log density is not conjugate: that
+    site, its distribution, and the term in words (log-sigmoid of the logits of a Bernoulli,
+    exp of the linear predictor of a Poisson, ...); ``err`` itself when no single site's term
+    is (the model's log joint is not one sum of site terms)."""
+
+    def site_value(name: str, what: Callable[[dict], Array]) -> Callable:
+        def fn(_data, vals):
+            with numpyro.validation_enabled(False):
+                tr = handlers.trace(handlers.substitute(model, data=vals)).get_trace(
+                    *args, **kwargs)
+            return what(tr[name])
+        return fn
+
+    for name, site in trace.items():
+        if site["type"] != "sample":
+            continue
+        log_prob = site_value(name, lambda s: jnp.sum(s["fn"].log_prob(s["value"])))
+        try:
+            trace_log_density(log_prob, values, draws, finite)
+            continue
+        except NonConjugateError as site_err:
+            cause = site_err
+        base = _base_distribution(site["fn"])
+        term = cause.term or str(cause).split(": ", 1)[-1].split(". ", 1)[0]
+        words = _LOGIT_WORDS.get(type(base).__name__)
+        if words is not None:
+            try:
+                logits = trace_log_density(site_value(name, lambda s: _base_distribution(
+                    s["fn"]).logits), values, draws, finite)
+                if isinstance(logits, Poly):
+                    term = f"{words} of {describe([logits])}"
+            except NonConjugateError:
+                pass
+        sites = ", ".join(repr(n) for n in (cause.sites or err.sites))
+        kind = "observed" if site["is_observed"] else "latent"
+        return NonConjugateError(
+            f"the log joint is not conjugate in site(s) {sites}: the log density of {kind} "
+            f"site {name!r} ({_distribution_name(base)}) contains {term}. "
+            f"{REMEDY}", cause.sites or err.sites, term)
+    return err
+
+
+def _distribution_name(fn: dist.Distribution) -> str:
+    """Bernoulli for BernoulliLogits and BernoulliProbs (the name the user wrote)."""
+    name = type(fn).__name__
+    for suffix in ("Logits", "Probs"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 # resolved named families by (statistic names, support, element shape)
@@ -588,20 +681,42 @@ def scalar_support(support: constraints.Constraint) -> constraints.Constraint | 
     return support
 
 
-def independent_columns(values: np.ndarray, rtol: float = 1e-8) -> list[int]:
-    """Indices of columns of ``values`` (N, k) that, in order, are linearly independent of the
-    constant column and of the columns kept before them (greedy Gram-Schmidt)."""
-    basis = [np.ones(len(values)) / np.sqrt(len(values))]
-    keep = []
+def independent_columns(values: np.ndarray, elementwise: np.ndarray, rtol: float = 1e-8
+                        ) -> list[int]:
+    """Indices of the columns of ``values`` (N points, k statistics) that make a family's
+    statistics. A column of an elementwise statistic (an analytic function of x but for a few
+    points, such as x^p, log x, log(1 + x^2)) is kept when it is linearly independent of the
+    constant and of the columns kept before it, on the N points (greedy Gram-Schmidt on columns
+    scaled to unit norm); any other column (a vector statistic such as |y_i - x|, whose kinks
+    may fall between the points) unless it is constant or equal to a kept column."""
+    n = len(values)
+    basis = [np.ones(n) / np.sqrt(n)]
+    keep: list[int] = []
     for j in range(values.shape[1]):
         v = values[:, j].astype(np.float64)
-        norm = np.linalg.norm(v)
-        for _ in range(2):  # twice is enough (Kahan)
-            v = v - np.stack(basis, 1) @ (np.stack(basis, 1).T @ v)
-        if np.linalg.norm(v) > rtol * max(norm, 1e-300):
-            basis.append(v / np.linalg.norm(v))
+        if elementwise[j]:
+            v = v / max(np.linalg.norm(v), 1e-300)
+            for _ in range(2):  # twice is enough (Kahan)
+                v = v - np.stack(basis, 1) @ (np.stack(basis, 1).T @ v)
+            if np.linalg.norm(v) > rtol:
+                basis.append(v / np.linalg.norm(v))
+                keep.append(j)
+            continue
+        others = [np.full(n, v[0])] + [values[:, k] for k in keep]
+        atol = 1e-12 * np.abs(v).max()
+        if not any(np.allclose(v, w, rtol=1e-12, atol=atol) for w in others):
             keep.append(j)
     return keep
+
+
+def probe_points(support: constraints.Constraint, draws: np.ndarray) -> np.ndarray:
+    """Points of a scalar support on which statistics are compared: ``draws`` and the image
+    of a uniform grid u in [-8, 8] (x in [-8, 8], [3e-4, 3e3], ...; the circle in 2 pi)."""
+    if isinstance(support, constraints._Circular):
+        grid = np.linspace(-np.pi, np.pi, 1601, endpoint=False)
+    else:
+        grid = np.asarray(biject_to(support)(jnp.linspace(-8.0, 8.0, 1601)))
+    return np.concatenate([grid, np.asarray(draws, np.float64).reshape(-1)])
 
 
 def quadrature_family(model: ConjugateModel, site: LatentSite, elements: np.ndarray
@@ -617,23 +732,25 @@ def quadrature_family(model: ConjugateModel, site: LatentSite, elements: np.ndar
             f"site {site.name!r} (support {site.support}): no named family has the statistics "
             f"[{names}] that its complete conditional has, and an automatic quadrature family "
             f"needs a continuous scalar support with the same bounds for every element")
-    values = model.site_stat_batch(site.name, elements)
+    points = probe_points(support, elements)
+    values = model.site_stat_batch(site.name, points)
     if not np.all(np.isfinite(values)):
         raise NonConjugateError(
             f"site {site.name!r}: the statistics [{names}] of its complete conditional are not "
             f"finite on its support {support}")
-    columns = independent_columns(values)
-    probe = np.asarray(biject_to(support)(jnp.linspace(-3.0, 3.0, 7))) if not isinstance(
-        support, constraints._Circular) else np.linspace(-3.0, 3.0, 7)
-    key = (tuple(st.name for st in stats), str(support), tuple(columns),
-           model.site_stat_batch(site.name, probe).round(12).tobytes())
+    elementwise = [all(a.elementwise for a, _ in st.atoms) for st in stats]
+    flags = np.repeat(elementwise, _stat_sizes(stats))
+    columns = independent_columns(values, flags)
+    # names of elementwise statistics say what they are; those of vector ones do not
+    key = (tuple(st.name if e else "vector" for st, e in zip(stats, elementwise, strict=True)),
+           str(support), tuple(columns), values.tobytes())
     if key not in _AUTOMATIC:
-        family = _statistics_family(site, stats, columns, support)
+        family = _statistics_family(stats, columns, support)
         oracle = QuadratureOracle(family)
         family.natural_constraint = NaturalDomain(
             oracle.integrable, "A(eta) finite: exp(eta . T(x)) integrable on the support, as "
             "far as the quadrature's search grid tells", _feasible(oracle))
-        fit = fit_statistics(lambda x: model.site_stat_batch(site.name, x), family, elements)
+        fit = fit_statistics(lambda x: model.site_stat_batch(site.name, x), family, points)
         if fit is None:
             raise NonConjugateError(
                 f"site {site.name!r}: the automatic family's statistics do not reproduce "
@@ -645,10 +762,15 @@ def quadrature_family(model: ConjugateModel, site: LatentSite, elements: np.ndar
     return SiteFamily(family, oracle, B, c)
 
 
-def _statistics_family(site: LatentSite, stats: list[Stat], columns: list[int],
-                       support: constraints.Constraint) -> ExponentialFamily:
+def _stat_sizes(stats: list[Stat]) -> list[int]:
+    """The number of values of each statistic of a scalar element."""
+    return [int(np.prod(jax.eval_shape(st, np.float64(0.5)).shape)) for st in stats]
+
+
+def _statistics_family(stats: list[Stat], columns: list[int], support: constraints.Constraint
+                       ) -> ExponentialFamily:
     """The family T(x) = (selected flat statistics of the site)(x), a function of scalar x."""
-    sizes = [int(np.prod(jax.eval_shape(st, np.float64(0.5)).shape)) for st in stats]
+    sizes = _stat_sizes(stats)
     labels = [st.name if n == 1 else f"{st.name}[{i}]" for st, n in zip(stats, sizes,
                                                                            strict=True)
               for i in range(n)]
