@@ -356,9 +356,9 @@ class CAVI:
         if drops.size:
             learned = [n for n, f in cm.families.items()
                        if type(f.oracle).__name__ != "ExactOracle"]
-            cause = (f"the learned oracle(s) of site(s) {learned} are not exact; try damping="
-                     f"0.5 or a more accurate oracle" if learned else "this should not happen "
-                     "with exact oracles; please report it")
+            cause = (f"the learned or quadrature oracle(s) of site(s) {learned} are not exact; "
+                     f"try damping=0.5 or a more accurate oracle" if learned else "this should "
+                     "not happen with exact oracles; please report it")
             warnings.warn(f"CAVI: the ELBO decreased at sweep(s) {(drops + 2).tolist()} "
                           f"(by up to {float(-np.diff(elbo).min()):.3g}); {cause}",
                           RuntimeWarning, stacklevel=3)

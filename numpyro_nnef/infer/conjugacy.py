@@ -755,9 +755,8 @@ def quadrature_family(model: ConjugateModel, site: LatentSite, elements: np.ndar
             raise NonConjugateError(
                 f"site {site.name!r}: the automatic family's statistics do not reproduce "
                 f"[{names}] (a fit s = B T + c failed); please report it")
-        logger.info("site %r: no named family has [%s]; using a quadrature family",
-                    site.name, names)
         _AUTOMATIC[key] = (family, oracle, *fit)
+    logger.info("site %r: no named family has [%s]; using a quadrature family", site.name, names)
     family, oracle, B, c = _AUTOMATIC[key]
     return SiteFamily(family, oracle, B, c)
 
