@@ -580,7 +580,7 @@ def locate_non_conjugacy(model: Callable, args: tuple, kwargs: dict, trace: dict
         except NonConjugateError as site_err:
             cause = site_err
         base = _base_distribution(site["fn"])
-        term = cause.term or str(cause).split(": ", 1)[-1].split(". ", 1)[0]
+        term = cause.term
         words = _LOGIT_WORDS.get(type(base).__name__)
         if words is not None:
             try:
@@ -592,10 +592,10 @@ def locate_non_conjugacy(model: Callable, args: tuple, kwargs: dict, trace: dict
                 pass
         sites = ", ".join(repr(n) for n in (cause.sites or err.sites))
         kind = "observed" if site["is_observed"] else "latent"
-        return NonConjugateError(
-            f"the log joint is not conjugate in site(s) {sites}: the log density of {kind} "
-            f"site {name!r} ({_distribution_name(base)}) contains {term}. "
-            f"{REMEDY}", cause.sites or err.sites, term)
+        where = f"the log density of {kind} site {name!r} ({_distribution_name(base)})"
+        what = f"{where} contains {term}" if term else f"in {where}, {cause.reason}"
+        return NonConjugateError(f"the log joint is not conjugate in site(s) {sites}: {what}. "
+                                 f"{REMEDY}", cause.sites or err.sites, term, what)
     return err
 
 

@@ -37,13 +37,16 @@ __all__ = ["NonConjugateError", "Stat", "Factor", "Term", "Poly", "trace_log_den
 class NonConjugateError(ValueError):
     """The log density is not multilinear in per-site statistics (names the sites and the cause).
 
-    ``sites``: the latent sites involved; ``term``: the offending term in words (e.g. "exp of a
-    linear function of w"), empty where the error is not about one term."""
+    ``sites``: the latent sites involved; ``reason``: what is not conjugate, in words;
+    ``term``: the offending term (e.g. "exp of a linear function of w"), empty where the error is
+    not about one term."""
 
-    def __init__(self, message: str, sites: Sequence[str] = (), term: str = ""):
+    def __init__(self, message: str, sites: Sequence[str] = (), term: str = "",
+                 reason: str = ""):
         super().__init__(message)
         self.sites = tuple(sites)
         self.term = term
+        self.reason = reason
 
 
 REMEDY = ("CAVI needs a log joint that is multilinear in per-site statistics (sums of products "
@@ -683,7 +686,7 @@ class Interpreter:
         names = ", ".join(sorted(sites))
         return NonConjugateError(
             f"the log density is not conjugate in site(s) {names}: {what}. {REMEDY}",
-            sorted(sites), term)
+            sorted(sites), term, what)
 
     def nonlinear_error(self, sites: set[str], what: str, values: Sequence[Value],
                         why: str = "") -> NonConjugateError:
@@ -787,7 +790,8 @@ class Interpreter:
             draws = pred.draws
             if not np.all(draws == draws[:1]):
                 sites = set().union(*(c.sites() for c in cases if isinstance(c, Poly)))
-                raise self.error(sites or {"?"}, "a branch (where/select) depends on their value")
+                raise self.error(sites or {"?"}, "a branch (where/select) depends on the value "
+                                                  f"of {' and '.join(sorted(sites)) or 'a site'}")
             pred = draws[0]
         pred = np.broadcast_to(np.asarray(pred).astype(np.int64), shape)
         total: Value = np.zeros(shape)
