@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 
+from ..oracles import QuadratureOracle
 from .conjugacy import ConjugateModel, analyse_model
 
 Array = jax.Array
@@ -164,10 +165,13 @@ class CAVIGuide:
 
     def distribution(self, name: str, eta: Array):
         """q for site ``name`` as a NumPyro distribution with the model site's shapes (sampled
-        by the site's sampler when ``samplers`` names one)."""
+        by the site's sampler when ``samplers`` names one, else by its QuadratureOracle when it
+        has one)."""
         cm = self._require()
         site, fam = cm.sites[name], cm.families[name]
         sampler = self.samplers.get(name)
+        if sampler is None and isinstance(fam.oracle, QuadratureOracle):
+            sampler = fam.oracle  # inverse-CDF draws on the quadrature window, not NUTS
         if sampler is None and hasattr(fam.family, "to_numpyro"):
             q = fam.family.to_numpyro(eta)
         else:

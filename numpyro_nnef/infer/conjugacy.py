@@ -654,8 +654,10 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
     )
 
 
-# automatic quadrature families by (statistic names, support, fingerprint of the statistics)
+# automatic quadrature families by (statistic names, support, fingerprint of the statistics),
+# oldest first (statistics with data in them, such as |y_i - x|, make one per data set)
 _AUTOMATIC: dict[tuple, tuple[ExponentialFamily, QuadratureOracle, np.ndarray, np.ndarray]] = {}
+MAX_AUTOMATIC = 64
 
 
 def scalar_support(support: constraints.Constraint) -> constraints.Constraint | None:
@@ -755,6 +757,8 @@ def quadrature_family(model: ConjugateModel, site: LatentSite, elements: np.ndar
             raise NonConjugateError(
                 f"site {site.name!r}: the automatic family's statistics do not reproduce "
                 f"[{names}] (a fit s = B T + c failed); please report it")
+        if len(_AUTOMATIC) >= MAX_AUTOMATIC:
+            _AUTOMATIC.pop(next(iter(_AUTOMATIC)))
         _AUTOMATIC[key] = (family, oracle, *fit)
     logger.info("site %r: no named family has [%s]; using a quadrature family", site.name, names)
     family, oracle, B, c = _AUTOMATIC[key]
