@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -58,12 +58,17 @@ class ELBOCheck(NamedTuple):
             0.0 if self.engine == self.monte_carlo else float("inf"))
 
     def passed(self, num_mcse: float = 4.0) -> bool:
-        """Whether the engine's ELBO is within ``num_mcse`` Monte Carlo standard errors."""
-        return bool(abs(self.z) <= num_mcse)
+        """Whether the engine's ELBO is within ``num_mcse`` Monte Carlo standard errors (plus
+        float64 rounding of the sums: where q is the exact posterior, log p - log q is the same
+        on every draw and the MCSE is zero)."""
+        rounding = 1e-9 * max(1.0, abs(self.engine))
+        return bool(abs(self.engine - self.monte_carlo) <= num_mcse * self.mcse + rounding)
 
     def __str__(self) -> str:
+        verdict = "passed" if self.passed() else "FAILED"
         return (f"engine ELBO {self.engine:.6g}, Monte Carlo {self.monte_carlo:.6g} +- "
-                f"{self.mcse:.2g} ({self.num_samples} draws of q; {self.z:+.2f} MCSE)")
+                f"{self.mcse:.2g} ({self.num_samples} draws of q; {self.z:+.2f} MCSE): "
+                f"{verdict}")
 
 
 def monte_carlo_elbo(model: Callable, guide: CAVIGuide, params: Mapping[str, Array],
@@ -84,7 +89,7 @@ def monte_carlo_elbo(model: Callable, guide: CAVIGuide, params: Mapping[str, Arr
             values[n])) for n in cm.sites)
         return log_p - log_q
 
-    ratios = np.asarray(jax.vmap(log_ratio)(draws), dtype=np.float64)
+    ratios = np.asarray(jax.jit(jax.vmap(log_ratio))(draws), dtype=np.float64)  # one program
     if not np.all(np.isfinite(ratios)):
         bad = int((~np.isfinite(ratios)).sum())
         raise FloatingPointError(f"log p - log q is not finite on {bad} of {num_samples} draws "
@@ -118,6 +123,27 @@ class CAVIResult:
         estimate, mcse = monte_carlo_elbo(self.model, self.guide, self.params, rng_key,
                                           num_samples, *self.args, **self.kwargs)
         return ELBOCheck(float(self.elbo[-1]), estimate, mcse, num_samples)
+
+    def _guide(self) -> CAVIGuide:
+        if self.guide is None:
+            raise RuntimeError("this result does not know its guide: use the CAVIResult that "
+                               "CAVI.run returned")
+        return self.guide
+
+    def to_arviz(self, rng_key: Array, num_samples: int = 1000, num_chains: int = 4):
+        """``arviz.InferenceData`` with posterior (independent draws of q, ``num_chains`` x
+        ``num_samples``), posterior_predictive, log_likelihood and observed_data groups."""
+        return self._guide().to_arviz(rng_key, self.params, *self.args, num_samples=num_samples,
+                                      num_chains=num_chains, **self.kwargs)
+
+    def print_summary(self, rng_key: Array, num_samples: int = 2000, prob: float = 0.9) -> None:
+        """NumPyro's ``print_summary`` table (mean, sd, median, ``prob`` interval) of q's sites,
+        from ``num_samples`` independent draws of q."""
+        from numpyro.diagnostics import print_summary
+
+        draws = self._guide().sample_posterior(rng_key, self.params, sample_shape=(num_samples,))
+        print_summary({k: np.asarray(v) for k, v in draws.items()}, prob=prob,
+                      group_by_chain=False)
 
 
 class CAVIGuide:
@@ -198,11 +224,89 @@ class CAVIGuide:
         return {name: self.distribution(name, jnp.asarray(params[f"{name}_eta"])).sample(
             k, tuple(sample_shape)) for name, k in zip(cm.sites, keys, strict=True)}
 
-    def to_arviz(self, rng_key: Array, params: Mapping[str, Array], num_samples: int = 1000):
-        """An ``arviz.InferenceData`` with ``num_samples`` posterior draws of every site."""
+    def quantiles(self, params: Mapping[str, Array], quantiles: Sequence[float], *,
+                  rng_key: Array | None = None, num_samples: int = 10_000) -> dict[str, Array]:
+        """q's quantiles per site, shape (len(quantiles), *site shape): F^-1(q) by bisection of
+        the factor's cdf for scalar continuous factors (exact), else from ``num_samples`` draws
+        of q (then ``rng_key`` is required)."""
+        cm = self._require()
+        qs = jnp.asarray(quantiles, dtype=float)
+        if qs.ndim != 1 or not bool(jnp.all((qs > 0) & (qs < 1))):
+            raise ValueError(f"quantiles must be a list of numbers in (0, 1), got {quantiles}")
+        out = {}
+        for name, site in cm.sites.items():
+            q = self.distribution(name, jnp.asarray(params[f"{name}_eta"]))
+            inverse = None if site.element_shape or q.support.is_discrete else _bisect_cdf(q, qs)
+            if inverse is None:
+                if rng_key is None:
+                    raise ValueError(f"site {name!r}: q has no cdf to invert; pass rng_key= to "
+                                     "estimate its quantiles from draws")
+                rng_key, sub = jax.random.split(rng_key)
+                draws = q.sample(sub, (num_samples,))
+                inverse = jnp.quantile(draws, qs, axis=0, method="inverted_cdf"
+                                       if q.support.is_discrete else "linear")
+            out[name] = jnp.broadcast_to(inverse, (len(qs), *site.shape))
+        return out
+
+    def median(self, params: Mapping[str, Array], *, rng_key: Array | None = None
+               ) -> dict[str, Array]:
+        """q's median per site (see ``quantiles``)."""
+        return {k: v[0] for k, v in self.quantiles(params, [0.5], rng_key=rng_key).items()}
+
+    def to_arviz(self, rng_key: Array, params: Mapping[str, Array], *args: Any,
+                 num_samples: int = 1000, num_chains: int = 1, **kwargs: Any):
+        """An ``arviz.InferenceData`` of ``num_chains`` x ``num_samples`` independent draws of q
+        (group ``posterior``); given the model's arguments also ``posterior_predictive``
+        (observed sites redrawn from the model), ``log_likelihood`` (per observation, for
+        ``az.loo``/``az.waic``) and ``observed_data``."""
         import arviz as az
-        draws = self.sample_posterior(rng_key, params, sample_shape=(1, num_samples))
-        return az.from_dict(posterior={k: np.asarray(v) for k, v in draws.items()})
+        from numpyro.infer import Predictive
+        from numpyro.infer.util import log_likelihood
+
+        if num_samples < 1 or num_chains < 1:
+            raise ValueError(f"num_samples and num_chains must be >= 1, got {num_samples} and "
+                             f"{num_chains}")
+        key_q, key_pred = jax.random.split(rng_key)
+        total = num_chains * num_samples
+        flat = self.sample_posterior(key_q, params, sample_shape=(total,))
+        chains = lambda d: {k: np.asarray(v).reshape(  # noqa: E731
+            (num_chains, num_samples, *np.shape(v)[1:])) for k, v in d.items()}
+        groups = {"posterior": chains(flat)}
+        if args or kwargs:
+            trace = numpyro.handlers.trace(numpyro.handlers.substitute(
+                self.model, data={k: v[0] for k, v in flat.items()})).get_trace(*args, **kwargs)
+            observed = {n: np.asarray(s["value"]) for n, s in trace.items()
+                        if s["type"] == "sample" and s["is_observed"]}
+            predictive = Predictive(self.model, posterior_samples=flat,
+                                    return_sites=list(observed))(key_pred, *args, **kwargs)
+            groups["posterior_predictive"] = chains(predictive)
+            groups["log_likelihood"] = chains(log_likelihood(self.model, flat, *args, **kwargs))
+            groups["observed_data"] = observed
+        return az.from_dict(**groups)
+
+
+def _bisect_cdf(q: Any, levels: Array, num_steps: int = 100) -> Array | None:
+    """F^-1(levels) for a scalar continuous q by bisection in the unconstrained space of its
+    support (shape (len(levels), *q.batch_shape)); None when q has no cdf."""
+    from numpyro.distributions.transforms import biject_to
+
+    to_support = biject_to(q.support)
+    shape = (len(levels), *q.batch_shape)
+    try:
+        q.cdf(to_support(jnp.zeros(q.batch_shape)))
+    except (NotImplementedError, ImportError, AttributeError):
+        return None
+    target = levels.reshape((-1,) + (1,) * len(q.batch_shape))
+
+    def step(_, bounds):
+        low, high = bounds
+        mid = 0.5 * (low + high)
+        below = q.cdf(to_support(mid)) < target
+        return jnp.where(below, mid, low), jnp.where(below, high, mid)
+
+    low, high = jax.lax.fori_loop(0, num_steps, step, (jnp.full(shape, -1e4),
+                                                       jnp.full(shape, 1e4)))
+    return to_support(0.5 * (low + high))
 
 
 class CAVI:
@@ -239,10 +343,31 @@ class CAVI:
             ok[name] = np.asarray(True)
         key = (cm.signature(), self.damping)
         if key not in _PROGRAMS:
+            if len(_PROGRAMS) >= MAX_PROGRAMS:  # bounded: the oldest structure goes first
+                _PROGRAMS.pop(next(iter(_PROGRAMS)))
             _PROGRAMS[key] = _Program(self._make_sweep(cm), partial(self._elbo, cm))
-        self._program = _PROGRAMS[key]
+        self._program, self._program_key, self._analysis_key = _PROGRAMS[key], key, rng_key
         self._data = [np.asarray(a) for a in cm.data()]
+        self._data_args = _leaves(args, kwargs)
         return CAVIState(mu, eta, mean, log_z, np.asarray(-np.inf), ok)
+
+    def _data_for(self, args: tuple, kwargs: dict) -> list[Array]:
+        """The compiled program's data arguments for these model arguments (those of ``init``
+        when none are given); ValueError when they give the model another structure."""
+        if self._program is None:
+            raise RuntimeError("call CAVI.init(rng_key, *model_args) first")
+        leaves = _leaves(args, kwargs)
+        if (not args and not kwargs) or (len(leaves) == len(self._data_args) and all(
+                a is b for a, b in zip(leaves, self._data_args, strict=True))):
+            return self._data
+        cm = analyse_model(self.model, *args, key=self._analysis_key,
+                           oracles=self.guide.oracles, **kwargs)
+        if (cm.signature(), self.damping) != self._program_key:
+            raise ValueError("these model arguments give the model another structure (shapes, "
+                             "statistics or families) than the arguments CAVI.init analysed: "
+                             "call init (or run) with them")
+        self._data, self._data_args = [np.asarray(a) for a in cm.data()], leaves
+        return self._data
 
     def _make_sweep(self, cm: ConjugateModel) -> Callable[[list[Array], CAVIState], CAVIState]:
         """The sweep over all sites, a pure function of (data, state) for this structure."""
@@ -296,54 +421,63 @@ class CAVI:
             total = total + jnp.sum(state.log_partition[name] - jnp.sum(eta * mean, -1))
         return total
 
-    def update(self, state: CAVIState) -> tuple[CAVIState, Array]:
-        """One sweep over all sites: (new state, its ELBO)."""
-        if self._program is None:
-            raise RuntimeError("call CAVI.init(rng_key, *model_args) before update")
-        state = self._program.sweep(self._data, state)
+    def update(self, state: CAVIState, *args: Any, **kwargs: Any) -> tuple[CAVIState, Array]:
+        """One sweep over all sites on the data of ``args``/``kwargs`` (the model's arguments;
+        those of ``init`` when none are given): (new state, its ELBO)."""
+        state = self._program_or_raise().sweep(self._data_for(args, kwargs), state)
         return state, state.elbo
 
-    def evaluate(self, state: CAVIState) -> Array:
-        """The ELBO of ``state``."""
+    def evaluate(self, state: CAVIState, *args: Any, **kwargs: Any) -> Array:
+        """The ELBO of ``state`` on the data of ``args``/``kwargs`` (as ``update``)."""
+        return self._program_or_raise().elbo(self._data_for(args, kwargs), state)
+
+    def get_params(self, state: CAVIState) -> dict[str, Array]:
+        """The guide's parameters ``{"<site>_eta": natural parameters}`` of ``state``."""
+        return {f"{name}_eta": eta for name, eta in state.eta.items()}
+
+    def _program_or_raise(self) -> _Program:
         if self._program is None:
-            raise RuntimeError("call CAVI.init(rng_key, *model_args) before evaluate")
-        return self._program.elbo(self._data, state)
+            raise RuntimeError("call CAVI.init(rng_key, *model_args) first")
+        return self._program
 
     # -------------------------------------------------------------- the loop
-    def run(self, rng_key: Array, num_steps: int, *args: Any, progress_bar: bool = False,
+    def run(self, rng_key: Array, num_steps: int, *args: Any, progress_bar: bool = True,
             init_state: CAVIState | None = None, **kwargs: Any) -> CAVIResult:
-        """Up to ``num_steps`` sweeps from a prior draw (or ``init_state``); stops when the
-        relative ELBO change falls below ``tol``. Compiled (``lax.while_loop``) unless
-        ``progress_bar``."""
+        """Up to ``num_steps`` sweeps from a random point of the support (or ``init_state``);
+        stops when |ELBO change| <= tol max(1, |ELBO|). The sweeps run in a compiled
+        ``lax.while_loop``, in chunks of up to CHUNK sweeps between progress-bar updates."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         start = time.perf_counter()
-        state = self.init(rng_key, *args, **kwargs) if init_state is None else init_state
-        program, data, tol = self._program, self._data, self.tol
-        if progress_bar:
-            from tqdm.auto import tqdm
-            history, steps = [], 0
-            for _ in (bar := tqdm(range(num_steps), desc="CAVI")):
-                previous = state.elbo
-                state = program.sweep(data, state)
-                steps += 1
-                history.append(float(state.elbo))
-                bar.set_postfix(elbo=f"{history[-1]:.6g}")
-                if _converged(float(previous), history[-1], tol, np) or not all(
-                        bool(v) for v in state.ok.values()):
-                    break
-            elbo = np.asarray(history)
+        if init_state is None:
+            state = self.init(rng_key, *args, **kwargs)
+            data = self._data
         else:
-            state, trace, steps = program.run(num_steps, tol)(data, state)
-            steps = int(steps)
-            elbo = np.asarray(trace)[:steps]
+            state, data = init_state, self._data_for(args, kwargs)
+        program = self._program_or_raise()
+        previous = jnp.full((), -jnp.inf, dtype=jnp.result_type(float))
+        history, done = [], 0
+        from tqdm.auto import tqdm
+        with tqdm(total=num_steps, desc="CAVI", disable=not progress_bar) as bar:
+            while done < num_steps:
+                size = min(CHUNK, num_steps - done)
+                state, previous, trace, steps = program.loop(data, state, previous, size,
+                                                             self.tol)
+                steps = int(steps)
+                history.append(np.asarray(trace)[:steps])
+                done += steps
+                bar.update(steps)
+                if steps:
+                    bar.set_postfix(elbo=f"{history[-1][-1]:.6g}")
+                if steps < size:
+                    break
+        elbo = np.concatenate(history)
         jax.block_until_ready(state.elbo)
         wall = time.perf_counter() - start
         self._check(state, elbo)
-        converged = len(elbo) >= 2 and bool(_converged(elbo[-2], elbo[-1], tol, np))
-        params = {f"{name}_eta": eta for name, eta in state.eta.items()}
-        return CAVIResult(params, elbo, converged, steps, wall, state, self.model, self.guide,
-                          tuple(args), dict(kwargs))
+        converged = len(elbo) >= 2 and bool(_converged(elbo[-2], elbo[-1], self.tol, np))
+        return CAVIResult(self.get_params(state), elbo, converged, done, wall, state,
+                          self.model, self.guide, tuple(args), dict(kwargs))
 
     def _check(self, state: CAVIState, elbo: np.ndarray) -> None:
         cm = self.guide._require()
@@ -375,38 +509,38 @@ def _converged(previous: Array, current: Array, tol: float, xp: Any = jnp) -> Ar
 
 class _Program:
     """The compiled pieces for one model structure (shared by every run on data of that
-    structure): the sweep, the ELBO and the while-loop per (num_steps, tol)."""
+    structure): the sweep, the ELBO, and ``loop``: up to ``num`` (<= CHUNK) sweeps in a
+    ``lax.while_loop`` that stops at convergence or when a factor leaves its domain."""
 
     def __init__(self, sweep: Callable, elbo: Callable):
         self.raw_sweep = sweep
         self.sweep = jax.jit(sweep)
         self.elbo = jax.jit(elbo)
-        self._runs: dict[tuple[int, float], Callable] = {}
+        self.loop = jax.jit(self._loop)
 
-    def run(self, num_steps: int, tol: float) -> Callable:
-        """jit((data, state) -> (state, ELBO trace, steps)) for up to num_steps sweeps."""
-        if (num_steps, tol) not in self._runs:
-            sweep = self.raw_sweep
+    def _loop(self, data, state, previous, num, tol):
+        """(state, ELBO before the last sweep, ELBO trace (CHUNK,), sweeps done)."""
+        def cond(carry):
+            st, prev, _, i = carry
+            ok = jnp.all(jnp.stack(list(st.ok.values())))
+            return (i < num) & ok & ~_converged(prev, st.elbo, tol)
 
-            def loop(data, state):
-                def cond(carry):
-                    st, prev, _, i = carry
-                    ok = jnp.all(jnp.stack(list(st.ok.values())))
-                    return (i < num_steps) & ok & ((i < 2) | ~_converged(prev, st.elbo, tol))
+        def body(carry):
+            st, _, trace, i = carry
+            new = self.raw_sweep(data, st)
+            return new, st.elbo, trace.at[i].set(new.elbo), i + 1
 
-                def body(carry):
-                    st, _, trace, i = carry
-                    new = sweep(data, st)
-                    return new, st.elbo, trace.at[i].set(new.elbo), i + 1
-
-                trace = jnp.full((num_steps,), jnp.nan)
-                carry = (state, jnp.asarray(-jnp.inf), trace, jnp.asarray(0))
-                state, _, trace, steps = jax.lax.while_loop(cond, body, carry)
-                return state, trace, steps
-
-            self._runs[(num_steps, tol)] = jax.jit(loop)
-        return self._runs[(num_steps, tol)]
+        state = state._replace(elbo=jnp.asarray(state.elbo, previous.dtype))
+        trace = jnp.full((CHUNK,), jnp.nan, previous.dtype)
+        carry = (state, previous, trace, jnp.asarray(0))
+        return jax.lax.while_loop(cond, body, carry)
 
 
+def _leaves(args: tuple, kwargs: dict) -> list[Any]:
+    return jax.tree.leaves((args, kwargs))
+
+
+CHUNK = 256  # sweeps per compiled loop call (between progress-bar updates)
+MAX_PROGRAMS = 32
 # compiled programs by (model structure, damping): new data of the same shapes reuses them
 _PROGRAMS: dict[tuple, _Program] = {}

@@ -7,10 +7,15 @@ multilinear in the statistics of distinct elements:
 
 - every latent site is factorised over its elements (its batch axes, and the axes an
   ``Independent``/``to_event`` wrapper adds); an element is one draw of the innermost base
-  distribution (a scalar for Normal, a vector for Dirichlet);
+  distribution (a scalar for Normal, a vector for Dirichlet and MultivariateNormal), except
+  that the event of a ``.to_event(1)`` over a real scalar base is one vector element when the
+  log density multiplies two of its coordinates and its statistics are then Gaussian (x, x^2,
+  x x^T: one full-covariance MultivariateNormal factor per event); otherwise its coordinates
+  are the elements (``event_elements``);
 - a product of two factors of one site at different elements, c_ij s_a(x_i) s_b(x_j), has
   expectation sum_ij c_ij mu_a,i mu_b,j - sum_i c_ii mu_a,i mu_b,i + sum_i c_ii E[s_a s_b](x_i):
-  the diagonal is rewritten into the product statistic s_a s_b of one element.
+  the diagonal is rewritten into the product statistic s_a s_b of one element, for vector
+  elements the outer product s_a(x_i)_e s_b(x_i)_f over the two factors' coordinates (e, f).
 
 Each site's statistics are matched to a family by a least-squares fit on draws from the site's
 support: s(x) = B T(x) + c exactly, so that eta_family = B^T d ELJ / d mu_s and mu_s = B mu + c.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import itertools
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -47,6 +53,7 @@ from .symbolic import (
     Term,
     describe,
     evaluate_in_numpy,
+    outer,
     trace_log_density,
 )
 
@@ -66,7 +73,8 @@ NAMED_FAMILIES = ("Gaussian", "GaussLaplace", "Gamma", "Exponential", "InverseGa
 @dataclasses.dataclass(frozen=True)
 class LatentSite:
     """A latent sample site: its value's shape split into element axes (factorised) and the
-    element's own shape (one q factor per element)."""
+    element's own shape (one q factor per element): the base distribution's event shape, or
+    the whole event for a Gaussian ``.to_event(1)`` site (see ``event_elements``)."""
 
     name: str
     shape: tuple[int, ...]
@@ -226,17 +234,28 @@ class SiteFamily:
         return mean @ jnp.asarray(self.B).T + jnp.asarray(self.c)
 
 
+def _base_constraint(support: constraints.Constraint) -> constraints.Constraint:
+    """The constraint on each coordinate: an independent-event support's base constraint."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support
+
+
 def _compatible(site_support: constraints.Constraint, family: ExponentialFamily) -> bool:
-    a, b = type(site_support).__name__, type(family.support).__name__
+    """Whether the family's support is the site's (independent-event supports compare like
+    their base supports; element shapes are checked by the caller)."""
+    site_support, family_support = _base_constraint(site_support), _base_constraint(
+        family.support)
+    a, b = type(site_support).__name__, type(family_support).__name__
     positive = {"_GreaterThan", "_Positive", "_GreaterThanEq", "_Nonnegative"}
     if a in positive and b in positive:
         return True
     if a != b:
         return False
-    if hasattr(site_support, "upper_bound") and hasattr(family.support, "upper_bound"):
+    if hasattr(site_support, "upper_bound") and hasattr(family_support, "upper_bound"):
         return np.all(np.asarray(site_support.upper_bound) == np.asarray(
-            family.support.upper_bound)) and np.all(np.asarray(site_support.lower_bound) ==
-                                                     np.asarray(family.support.lower_bound))
+            family_support.upper_bound)) and np.all(np.asarray(site_support.lower_bound) ==
+                                                     np.asarray(family_support.lower_bound))
     return True
 
 
@@ -382,7 +401,9 @@ def _expand(term: Term, sites: Mapping[str, LatentSite], stat_index: Callable[[s
     + [i = j] (s_a s_b)(x_i), whose expectation is mu_a,i mu_b,j - [i = j] mu_a,i mu_b,i
     + [i = j] E[s_a s_b](x_i). The diagonal renames j onto i in the WHOLE term (operands, the
     factors already expanded and those of sites still to expand), so a bilinear term such as
-    (sum_k z_k w_k)^2 gets its diagonal in z and in w, and their product.
+    (sum_k z_k w_k)^2 gets its diagonal in z and in w, and their product. For a vector element
+    (labels: batch axes, then one event axis) the element's product statistic at coordinates
+    (e, f) is outer(s_a, s_b)(x_i)[e, f] = s_a(x_i)[e] s_b(x_i)[f].
     """
     out: list[ExpandedTerm] = []
 
@@ -397,6 +418,7 @@ def _expand(term: Term, sites: Mapping[str, LatentSite], stat_index: Callable[[s
             out.append(canonical(ExpandedTerm(ops + ((np.asarray(sign), ()),), tuple(done))))
             return
         name = todo[0].site
+        rank = len(sites[name].element_shape)
         mine = [f for f in todo if f.site == name]
         rest = [f for f in todo if f.site != name]
         # factors at the same element are one statistic
@@ -408,19 +430,25 @@ def _expand(term: Term, sites: Mapping[str, LatentSite], stat_index: Callable[[s
             expand(sign, ops, done + [(name, stat_index(name, f.stat), f.labels) for f in mine],
                    rest)
             return
-        if len(mine) > 2 or sites[name].element_shape:
+        if len(mine) > 2 or rank > 1:
             raise NonConjugateError(
                 f"site {name!r}: a term multiplies {len(mine)} factors of it at different "
                 f"elements ({', '.join(f.stat.name for f in mine)}); mean-field CAVI handles at "
-                f"most pairwise products of scalar elements of one site")
-        a, b = mine
+                f"most pairwise products of scalar or vector elements of one site")
+        a, b = sorted(mine, key=lambda f: f.stat.name) if rank else mine
+        batch = len(a.labels) - rank
+        if rank and a.labels[:batch] == b.labels[:batch]:  # two coordinates of one element
+            outer_factor = Factor(name, outer(a.stat, b.stat), a.labels + b.labels[batch:])
+            expand(sign, ops, done, [outer_factor] + rest)
+            return
         expand(sign, ops, done + [(name, stat_index(name, a.stat), a.labels),
                                   (name, stat_index(name, b.stat), b.labels)], rest)
-        diag = dict(zip(b.labels, a.labels, strict=True))
+        diag = dict(zip(b.labels[:batch], a.labels[:batch], strict=True))
         dops, ddone, drest = rename(diag, ops, done, rest)
+        b_diag = a.labels[:batch] + tuple(diag.get(i, i) for i in b.labels[batch:])
         expand(-sign, dops, ddone + [(name, stat_index(name, a.stat), a.labels),
-                                     (name, stat_index(name, b.stat), a.labels)], drest)
-        expand(sign, dops, ddone, [Factor(name, a.stat * b.stat, a.labels)] + drest)
+                                     (name, stat_index(name, b.stat), b_diag)], drest)
+        expand(sign, dops, ddone, [a, Factor(name, b.stat, b_diag)] + drest)
 
     expand(1.0, term.operands, [], list(term.factors))
     return out
@@ -521,23 +549,15 @@ def analyse_model(
                                    finite_supports(sites), err) from err
     if not isinstance(poly, Poly):
         raise ValueError("the model's log density does not depend on its latent sites")
-    stats: dict[str, list[Stat]] = {n: [] for n in sites}
-
-    def stat_index(name: str, stat: Stat) -> int:
-        if stat not in stats[name]:
-            stats[name].append(stat)
-        return stats[name].index(stat)
-
-    terms: list[ExpandedTerm] = []
-    self_coupled = dict.fromkeys(sites, False)
-    for term in poly.terms:
-        counts: dict[str, int] = {}
-        for f in term.factors:
-            counts[f.site] = counts.get(f.site, 0) + 1
-        for name, c in counts.items():
-            self_coupled[name] |= c > 1
-        terms += _expand(term, sites, stat_index)
-    terms = merge_terms([contract_operands(t) for t in terms])
+    scalar_sites = sites
+    vector = event_elements(sites, poly, oracles)
+    sites = {n: dataclasses.replace(s, element_shape=tuple(s.prior.event_shape)) if n in vector
+             else s for n, s in sites.items()}
+    terms, stats, self_coupled = expand_terms(poly, sites)
+    not_gaussian = {n for n in vector if n not in oracles and not gaussian_statistics(stats[n])}
+    if not_gaussian:  # these events stay factorised into their scalar coordinates
+        sites = {n: scalar_sites[n] if n in not_gaussian else s for n, s in sites.items()}
+        terms, stats, self_coupled = expand_terms(poly, sites)
     missing = [n for n, s in stats.items() if not s]
     if missing:
         raise ValueError(f"latent site(s) {missing} do not appear in the log density")
@@ -546,6 +566,68 @@ def analyse_model(
     for name, site in sites.items():
         model_.families[name] = resolve_family(model_, site, draws[name], oracles.get(name))
     return model_
+
+
+def expand_terms(poly: Poly, sites: Mapping[str, LatentSite]
+                 ) -> tuple[list[ExpandedTerm], dict[str, list[Stat]], dict[str, bool]]:
+    """(the multilinear terms of E_q[log p], every site's statistics, whether a term multiplies
+    two of a site's factors) for the elements that ``sites`` define."""
+    stats: dict[str, list[Stat]] = {n: [] for n in sites}
+
+    def stat_index(name: str, stat: Stat) -> int:
+        if stat not in stats[name]:
+            stats[name].append(stat)
+        return stats[name].index(stat)
+
+    terms = [e for term in poly.terms for e in _expand(term, sites, stat_index)]
+    self_coupled = dict.fromkeys(sites, False)
+    for term in terms:
+        names = [n for n, *_ in term.factors]
+        for name in set(names):
+            self_coupled[name] |= names.count(name) > 1
+    return merge_terms([contract_operands(t) for t in terms]), stats, self_coupled
+
+
+def event_elements(sites: Mapping[str, LatentSite], poly: Poly, oracles: Mapping[str, Any]
+                   ) -> set[str]:
+    """Sites whose event, one axis over a scalar real base (``Normal(...).to_event(1)``), is a
+    candidate vector element: the log density multiplies two of its coordinates (x_i x_j), or
+    the user's oracle is for the whole event. The candidate stays a vector element when its
+    statistics are Gaussian (x, x^2, x x^T: one MultivariateNormal factor per event), else
+    its coordinates are the elements; an oracle's event shape decides for its site."""
+    out = set()
+    for name, site in sites.items():
+        event = tuple(site.prior.event_shape)
+        if site.element_shape or len(event) != 1 or _base_constraint(site.support) is not (
+                constraints.real):
+            continue
+        if name in oracles:
+            if tuple(oracles[name].family.event_shape) == event:
+                out.add(name)
+            continue
+        if any(f.site == g.site == name and f.labels[-1] != g.labels[-1]
+               for t in poly.terms for f, g in itertools.combinations(t.factors, 2)):
+            out.add(name)
+    return out
+
+
+GAUSSIAN_STATISTICS = frozenset({"x", "x^2", "outer(x,x)"})
+
+
+def gaussian_statistics(stats: list[Stat]) -> bool:
+    """Whether a vector element's statistics are spanned by a Gaussian's (x, x x^T)."""
+    return {s.name for s in stats} <= GAUSSIAN_STATISTICS
+
+
+def fit_elements(site: LatentSite, elements: np.ndarray, stat_dim: int) -> np.ndarray:
+    """``elements`` topped up to 2 (stat_dim + 1) with draws of the site's support (fixed
+    seed): an exact least-squares fit with fewer draws than coefficients proves nothing."""
+    need = 2 * (stat_dim + 1) - len(elements)
+    if need <= 0:
+        return elements
+    per_draw = max(int(np.prod(site.batch_shape)), 1)
+    extra = support_draws(site.prior, -(-need // per_draw), np.random.default_rng(0))
+    return np.concatenate([elements, extra.reshape((-1, *site.element_shape))])
 
 
 # distributions whose log density is a log-sigmoid / log-softmax of their logits
@@ -618,7 +700,8 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
     stats = lambda x: model.site_stat_batch(site.name, x)  # noqa: E731
     names = ", ".join(s.name for s in model.stats[site.name])
     if oracle is not None:
-        fit = fit_statistics(stats, oracle.family, elements)
+        fit = fit_statistics(stats, oracle.family, fit_elements(site, elements,
+                                                                oracle.family.stat_dim))
         if fit is None:
             raise ValueError(
                 f"site {site.name!r}: the oracle's family {oracle.family.name} does not span the "
@@ -636,7 +719,7 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
         (log_h,) = evaluate_in_numpy(fam.log_base_measure, elements)
         if np.ptp(log_h) > 0:  # E_q[log h] is not in the ELBO: only constant base measures
             continue
-        fit = fit_statistics(stats, fam, elements)
+        fit = fit_statistics(stats, fam, fit_elements(site, elements, fam.stat_dim))
         if fit is not None:
             if key is not None:
                 _RESOLVED[key] = (fam, *fit)

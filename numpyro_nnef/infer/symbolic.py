@@ -26,12 +26,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 import scipy.special
 from jax.extend import core as jcore
 
 Array = jax.Array
 
-__all__ = ["NonConjugateError", "Stat", "Factor", "Term", "Poly", "trace_log_density"]
+__all__ = ["NonConjugateError", "Stat", "Factor", "Term", "Poly", "outer", "trace_log_density"]
 
 
 class NonConjugateError(ValueError):
@@ -100,7 +101,8 @@ class Atom:
 
     name: str
     fn: Callable[[Array], Array] = dataclasses.field(compare=False, hash=False, repr=False)
-    # False for a vector statistic of a scalar site (fn maps one value to an array)
+    # False where fn maps one value to a larger array (a vector statistic of a scalar site, the
+    # outer product of a vector element)
     elementwise: bool = dataclasses.field(default=True, compare=False, hash=False)
 
 
@@ -165,12 +167,14 @@ class Stat:
         return "*".join(parts)
 
     def __call__(self, x: Array) -> Array:
+        # the product starts from a scalar 1: an atom may map an element to a larger array
         if isinstance(x, np.ndarray):  # analysis: plain numpy
-            out = np.ones(x.shape)
+            out = np.ones(() if self.atoms else x.shape)
             for atom, p in self.atoms:
                 out = out * np.asarray(atom.fn(x), dtype=np.float64) ** float(p)
             return out
-        out = jnp.ones_like(jnp.asarray(x, dtype=jnp.result_type(x, float)))
+        dtype = jnp.result_type(x, float)
+        out = jnp.ones(() if self.atoms else jnp.shape(x), dtype=dtype)
         for atom, p in self.atoms:
             value = atom.fn(x)
             if p.denominator == 1:
@@ -182,6 +186,13 @@ class Stat:
 
     def __repr__(self) -> str:
         return f"Stat({self.name})"
+
+
+def outer(a: Stat, b: Stat) -> Stat:
+    """The statistic a(x)_i b(x)_j of a vector element x (last axis i of a, j of b)."""
+    atom = Atom(f"outer({a.name},{b.name})",
+                lambda x, a=a, b=b: a(x)[..., :, None] * b(x)[..., None, :], elementwise=False)
+    return Stat.of(atom)
 
 
 # ----------------------------------------------------------------------------- einsum terms
@@ -230,7 +241,7 @@ class Term:
 
     def merged(self) -> Term:
         """Factors of one site with identical labels multiplied into one statistic."""
-        self = dedupe_routings(self)  # noqa: PLW0642
+        self = dedupe_routings(squeeze_unit_labels(self))  # noqa: PLW0642
         groups: dict[tuple[str, tuple[int, ...]], Stat] = {}
         for f in self.factors:
             key = (f.site, f.labels)
@@ -265,6 +276,24 @@ class Term:
         expand = [k for k, i in enumerate(self.out) if i not in present]
         value = xp.expand_dims(value, expand) if expand else value
         return xp.broadcast_to(value, shape)
+
+
+def squeeze_unit_labels(term: Term) -> Term:
+    """Summed labels of size 1 that only constant operands carry (broadcasts from size 1) are
+    dropped: sum over one value is that value. Routings that differed only there then match."""
+    used = set(term.out) | {i for f in term.factors for i in f.labels}
+    unit = {i for a, lab in term.operands for i, n in zip(lab, np.shape(a), strict=True)
+            if n == 1 and i not in used}
+    unit -= {i for a, lab in term.operands for i, n in zip(lab, np.shape(a), strict=True)
+             if n != 1}
+    if not unit:
+        return term
+    operands = []
+    for a, lab in term.operands:
+        axes = tuple(k for k, i in enumerate(lab) if i in unit)
+        operands.append((np.squeeze(np.asarray(a), axis=axes) if axes else a,
+                         tuple(i for i in lab if i not in unit)))
+    return Term(tuple(operands), term.factors, term.out)
 
 
 def _one_hot_along(array: np.ndarray, axis: int) -> bool:
@@ -983,6 +1012,23 @@ class Interpreter:
                               if not appears(term, t1.out[i]))
                 out_terms.append(Term(term.operands + extra, term.factors, out).merged())
         return simplify(Poly(shape, out_terms, const))
+
+    def p_triangular_solve(self, ins, params, shape):
+        """op(a)^{-1} b (left_side) or b op(a)^{-1} for a constant triangular a: a linear map of
+        b, the dot product with the constant op(a)^{-1} over a's batch axes."""
+        a, b = ins
+        if isinstance(a, Poly):
+            raise self.error(a.sites(), "a triangular system with them in its matrix is solved")
+        a = np.asarray(a, dtype=np.float64)
+        inverse = np.empty(a.shape)
+        for index in np.ndindex(a.shape[:-2]):  # scipy (no XLA compilation), matrix by matrix
+            inverse[index] = scipy.linalg.solve_triangular(
+                a[index], np.eye(a.shape[-1]), lower=params["lower"],
+                trans=1 if params["transpose_a"] else 0, unit_diagonal=params["unit_diagonal"])
+        batch = tuple(range(a.ndim - 2))
+        dims = {"dimension_numbers": (((len(batch) + 1,), (len(batch),)), (batch, batch))}
+        pair = [inverse, b] if params["left_side"] else [b, inverse]
+        return self.p_dot_general(pair, dims, shape)
 
     # -------------------------------------------------------------- structure
     def p_broadcast_in_dim(self, ins, params, shape):
