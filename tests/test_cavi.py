@@ -168,22 +168,65 @@ def test_guide_works_with_predictive(ng_data):
     assert idata.posterior["mu"].shape == (1, 100)
 
 
-def test_non_conjugate_likelihood_names_the_site(ng_data):
+def test_laplace_likelihood_of_a_scalar_site_gets_a_quadrature_family(ng_data):
+    """mu ~ N(0, 1), y_i ~ Laplace(mu, 1): the statistics x^2 and |y_i - x| (a vector statistic
+    of the scalar mu, kinks at the data) make an automatic family; one site, so q is the exact
+    posterior: E[mu^2] against numpy quadrature on a fine grid (the kinks, which are not panel
+    boundaries, cost the quadrature some accuracy)."""
     def model(y):
         mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
         with numpyro.plate("n", y.shape[0]):
             numpyro.sample("y", dist.Laplace(mu, 1.0), obs=y)
 
-    with pytest.raises(nnef.NonConjugateError, match="mu"):
-        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, ng_data)
+    guide = nnef.CAVIGuide(model)
+    result = nnef.CAVI(model, guide).run(jax.random.key(0), 5, ng_data)
+    fam = guide.conjugate.families["mu"]
+    assert isinstance(fam.oracle, nnef.QuadratureOracle)
+    assert fam.family.stat_dim == 1 + ng_data.shape[0]  # x^2 and one |y_i - x| per datum
+    grid = np.linspace(-10.0, 10.0, 400001)
+    log_p = -0.5 * grid**2 - np.abs(np.asarray(ng_data)[:, None] - grid).sum(0)
+    w = np.exp(log_p - log_p.max())
+    exact = (w * grid**2).sum() / w.sum()
+    second = float(result.state.mean["mu"][fam.family.stat_labels.index("x^2")])
+    np.testing.assert_allclose(second, exact, rtol=1e-3)
 
 
-def test_statistics_without_a_named_family_explain_what_to_do():
+def test_vector_statistics_without_a_named_family_explain_what_to_do():
+    def model():
+        p = numpyro.sample("p", dist.Dirichlet(jnp.ones(3)))
+        numpyro.factor("quadratic", -jnp.sum(p**2))
+
+    with pytest.raises(nnef.NonConjugateError,
+                       match=r"site 'p'.*only for scalar elements.*from_statistics.*oracles="):
+        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5)
+
+
+def test_scalar_statistics_without_a_named_family_get_a_quadrature_family():
+    """One site, so q is the exact posterior p(x) ~ exp(-(x - 0.5)^2/2 + x^3 - 0.1 x^4): its
+    mean by numpy quadrature on a fine grid."""
+    def model():
+        x = numpyro.sample("x", dist.Normal(0.5, 1.0))
+        numpyro.factor("quartic", -0.1 * x**4 + x**3)
+
+    guide = nnef.CAVIGuide(model)
+    result = nnef.CAVI(model, guide).run(jax.random.key(0), 5)
+    fam = guide.conjugate.families["x"]
+    assert isinstance(fam.oracle, nnef.QuadratureOracle)
+    assert set(fam.family.stat_labels) == {"x", "x^2", "x^3", "x^4"}
+    grid = np.linspace(-20.0, 30.0, 200001)
+    log_p = -0.5 * (grid - 0.5) ** 2 + grid**3 - 0.1 * grid**4
+    w = np.exp(log_p - log_p.max())
+    exact = (w * grid).sum() / w.sum()
+    mean = float(result.state.mean["x"][fam.family.stat_labels.index("x")])
+    np.testing.assert_allclose(mean, exact, rtol=1e-8)
+
+
+def test_improper_automatic_conditional_is_refused_by_name():
     def model():
         x = numpyro.sample("x", dist.Normal(0.0, 1.0))
-        numpyro.factor("cubic", -0.1 * x**4 + x**3)
+        numpyro.factor("cubic", x**3)
 
-    with pytest.raises(nnef.NonConjugateError, match=r"site 'x'.*from_statistics.*oracles="):
+    with pytest.raises(ValueError, match=r"site\(s\) \['x'\] left the natural domain.*improper"):
         nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5)
 
 
@@ -253,7 +296,8 @@ def test_nmf_rectified_gaussian_factors():
 
 def test_bilinear_coupling_of_families_without_names():
     """Model a: x, y in unnamed families with fixed priors, coupled by T(x) . A . S(y); the
-    fixed point is eta_x = eta_x0 + A <S(y)>, eta_y = eta_y0 + A^T <T(x)>."""
+    fixed point is eta_x = eta_x0 + A <S(y)>, eta_y = eta_y0 + A^T <T(x)>, with x's oracle
+    given by hand or found automatically (a quadrature family of x's own statistics)."""
     from numpyro.distributions import constraints
 
     fx = nnef.ExponentialFamily.from_statistics(
@@ -269,19 +313,26 @@ def test_bilinear_coupling_of_families_without_names():
         y = numpyro.sample("y", nnef.EFDistribution(fy, eta_y0, oracle=oy))
         numpyro.factor("coupling", fx.sufficient_statistics(x) @ A @ fy.sufficient_statistics(y))
 
-    with pytest.raises(nnef.NonConjugateError, match="site 'x'.*oracles="):
-        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5)
-    guide = nnef.CAVIGuide(model, oracles={"x": ox})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # quadrature: ELBO flat to ~1e-6
-        result = nnef.CAVI(model, guide, tol=1e-14).run(jax.random.key(0), 100)
-    assert guide.conjugate.families["x"].family.name == "Quartic"
     ex, ey = eta_x0, eta_y0
     for _ in range(100):
         ex = eta_x0 + A @ oy.mean(ey)
         ey = eta_y0 + A.T @ ox.mean(ex)
-    np.testing.assert_allclose(result.params["x_eta"], ex, rtol=1e-8)
-    np.testing.assert_allclose(result.params["y_eta"], ey, rtol=1e-8)
+    means = {}
+    for label, oracles in (("given", {"x": ox}), ("automatic", None)):
+        guide = nnef.CAVIGuide(model, oracles=oracles)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # quadrature: ELBO flat to ~1e-6
+            result = nnef.CAVI(model, guide, tol=1e-14).run(jax.random.key(0), 100)
+        fam = guide.conjugate.families["x"]
+        assert isinstance(fam.oracle, nnef.QuadratureOracle)
+        np.testing.assert_allclose(result.params["y_eta"], ey, rtol=1e-8)
+        means[label] = np.asarray(result.state.mean["x"]) @ fam.B.T + fam.c  # E[s(x)]
+        if label == "given":
+            assert fam.family.name == "Quartic"
+            np.testing.assert_allclose(result.params["x_eta"], ex, rtol=1e-8)
+        else:  # its own statistics: the site's, so E[s] is comparable, not eta
+            assert fam.family is not fx
+    np.testing.assert_allclose(means["automatic"], means["given"], rtol=1e-8)
 
 
 def test_lasso_with_a_trained_oracle_agrees_with_the_exact_one():
@@ -387,6 +438,164 @@ def test_sampler_for_another_family_or_site_names_the_site():
         guide = nnef.CAVIGuide(model, oracles={"x": oracle}, samplers=samplers)
         with pytest.raises(ValueError, match=match):
             nnef.CAVI(model, guide).run(jax.random.key(0), 5, y)
+
+
+# ----------------------------------------------------------------------------- automatic families
+
+SCHOOLS_Y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
+SCHOOLS_SIGMA = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
+
+
+def eight_schools(sigma, y=None):
+    """NumPyro's eight schools, non-centred."""
+    mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = numpyro.sample("tau", dist.HalfCauchy(5.0))
+    with numpyro.plate("J", sigma.shape[0]):
+        theta_tilde = numpyro.sample("theta_tilde", dist.Normal(0.0, 1.0))
+        numpyro.sample("obs", dist.Normal(mu + tau * theta_tilde, sigma), obs=y)
+
+
+def divorce_regression(marriage, divorce=None):
+    """The divorce-rate regression of NumPyro's Bayesian regression tutorial."""
+    a = numpyro.sample("a", dist.Normal(0.0, 0.2))
+    bM = numpyro.sample("bM", dist.Normal(0.0, 0.5))
+    sigma = numpyro.sample("sigma", dist.Exponential(1.0))
+    numpyro.sample("obs", dist.Normal(a + bM * marriage, sigma), obs=divorce)
+
+
+def divorce_data(n=50):
+    rng = np.random.default_rng(0)
+    m = rng.normal(size=n)
+    d = 0.35 * m + 0.9 * rng.normal(size=n)
+    return (m - m.mean()) / m.std(), (d - d.mean()) / d.std()
+
+
+def gaussian_mixture_moments(log_prior_s, s, u, design, prior_var, noise_var, y):
+    """Exact posterior means and sds of (s, z) for z ~ N(0, diag(prior_var)), y ~ N(design(s) z,
+    diag(noise_var(s))), s = exp(u) on a fine grid in u (a mixture of Gaussians over s)."""
+    log_w, means, second = [], [], []
+    for si, ui in zip(s, u, strict=True):
+        A, S = design(si), noise_var(si)
+        C = A @ np.diag(prior_var) @ A.T + np.diag(S)
+        _, logdet = np.linalg.slogdet(C)
+        log_w.append(log_prior_s(si) + ui - 0.5 * (logdet + y @ np.linalg.solve(C, y)))
+        P = np.diag(1 / prior_var) + A.T @ (A / S[:, None])
+        cov = np.linalg.inv(P)
+        m = cov @ (A.T @ (y / S))
+        means.append(m)
+        second.append(np.diag(cov) + m**2)
+    w = np.exp(np.asarray(log_w) - np.max(log_w))
+    w /= w.sum()  # uniform grid in u: the trapezoid rule's end weights are negligible
+    e_z, e_z2 = w @ np.asarray(means), w @ np.asarray(second)
+    e_s, e_s2 = w @ s, w @ s**2
+    return (np.append(e_s, e_z), np.sqrt(np.append(e_s2 - e_s**2, e_z2 - e_z**2)))
+
+
+def test_eight_schools_scale_gets_an_automatic_quadrature_family(caplog):
+    """tau's conditional [log(1 + tau^2/25), tau, tau^2] has no name: a quadrature family; the
+    CAVI means are within 0.5 posterior sd of the exact posterior (1-d quadrature over tau)."""
+    sigma, y = jnp.asarray(SCHOOLS_SIGMA), jnp.asarray(SCHOOLS_Y)
+    guide = nnef.CAVIGuide(eight_schools)
+    with caplog.at_level("INFO", logger="numpyro_nnef"):
+        result = nnef.CAVI(eight_schools, guide).run(jax.random.key(0), 100, sigma, y)
+    fam = guide.conjugate.families["tau"]
+    assert isinstance(fam.oracle, nnef.QuadratureOracle)
+    assert fam.family.stat_labels == ("log(0.04*x^2 + 1)", "x", "x^2")
+    assert "site 'tau': no named family has" in caplog.text
+    assert result.converged
+    check = result.check_elbo(jax.random.key(1), 2000)
+    assert check.passed(), str(check)
+    u = np.linspace(-12.0, 6.0, 4000)
+    mean, sd = gaussian_mixture_moments(
+        lambda t: -np.log1p((t / 5.0) ** 2), np.exp(u), u,
+        lambda t: np.concatenate([np.ones((8, 1)), t * np.eye(8)], axis=1),
+        np.append(25.0, np.ones(8)), lambda t: SCHOOLS_SIGMA**2, SCHOOLS_Y)
+    state = result.state
+    cavi = np.concatenate([[float(state.mean["tau"][1]), float(state.mean["mu"][0])],
+                           np.asarray(state.mean["theta_tilde"])[:, 0]])
+    assert np.all(np.abs(cavi - mean) < 0.5 * sd), (cavi, mean, sd)
+
+
+def test_divorce_regression_noise_scale_gets_an_automatic_quadrature_family(monkeypatch):
+    """sigma's conditional [sigma, sigma^-2, log sigma] (Exponential prior, Normal likelihood)
+    has no name; CAVI means within 0.5 posterior sd of the exact posterior; q(sigma) is sampled
+    by its quadrature oracle (inverse CDF), not by NUTS."""
+
+    def no_nuts(*args, **kwargs):
+        raise AssertionError("NUTS was called for a site with a QuadratureOracle")
+
+    monkeypatch.setattr(nnef.sampling, "sample_family", no_nuts)
+    m, d = divorce_data()
+    guide = nnef.CAVIGuide(divorce_regression)
+    result = nnef.CAVI(divorce_regression, guide).run(jax.random.key(0), 100, jnp.asarray(m),
+                                                      jnp.asarray(d))
+    fam = guide.conjugate.families["sigma"]
+    assert isinstance(fam.oracle, nnef.QuadratureOracle)
+    assert result.converged
+    check = result.check_elbo(jax.random.key(1), 2000)
+    assert check.passed(), str(check)
+    u = np.linspace(-4.0, 3.0, 3000)
+    design = np.stack([np.ones_like(m), m], axis=1)
+    mean, sd = gaussian_mixture_moments(lambda s: -s, np.exp(u), u, lambda s: design,
+                                        np.array([0.04, 0.25]), lambda s: np.full(50, s**2), d)
+    state = result.state
+    x = fam.family.stat_labels.index("x")
+    cavi = np.array([float(state.mean["sigma"][x]), float(state.mean["a"][0]),
+                     float(state.mean["bM"][0])])
+    assert np.all(np.abs(cavi - mean) < 0.5 * sd), (cavi, mean, sd)
+
+
+def test_nan_in_a_covariate_names_the_argument(lasso_data):
+    X, y = lasso_data
+    bad = X.at[2, 1].set(jnp.nan).at[5, 0].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"argument 'X' \(2 of 120 values\).*finite data"):
+        nnef.CAVI(lasso, nnef.CAVIGuide(lasso)).run(jax.random.key(0), 5, bad, y)
+
+    def model(data):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(w * data["x"], 1.0), obs=data["y"])
+
+    data = {"x": jnp.ones(4).at[0].set(jnp.nan), "y": jnp.ones(4)}
+    with pytest.raises(ValueError, match=r"argument 'data'\['x'\] \(1 of 4 values\)"):
+        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, data)
+
+
+def logistic_regression(X, y):
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
+    numpyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
+
+
+def poisson_regression(X, y):
+    with numpyro.plate("p", X.shape[1]):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", X.shape[0]):
+        numpyro.sample("y", dist.Poisson(jnp.exp(X @ w)), obs=y)
+
+
+@pytest.mark.parametrize("model, term, counts", [
+    (logistic_regression, r"Bernoulli\) contains log-sigmoid of a linear function of w", False),
+    (poisson_regression, r"Poisson\) contains exp of a linear function of w", True),
+])
+def test_non_conjugate_likelihoods_are_named_in_words(lasso_data, model, term, counts):
+    X, y = lasso_data
+    y = jnp.round(jnp.exp(y / 2)) if counts else (y > 0).astype(float)
+    match = (r"not conjugate in site\(s\) 'w': the log density of observed site 'y' \(" + term
+             + r".*conjugate prior/likelihood pair.*Non-conjugate factors .* are planned")
+    with pytest.raises(nnef.NonConjugateError, match=match):
+        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, X, y)
+
+
+def test_a_function_of_several_sites_is_named_in_words(ng_data):
+    def model(y):
+        a = numpyro.sample("a", dist.Normal(0.0, 1.0))
+        b = numpyro.sample("b", dist.Normal(0.0, 1.0))
+        with numpyro.plate("n", y.shape[0]):
+            numpyro.sample("y", dist.Normal(jnp.exp(a * b), 1.0), obs=y)
+
+    with pytest.raises(nnef.NonConjugateError,
+                       match=r"'a', 'b'.*site 'y' \(Normal\) contains exp of a function of several"
+                             r" sites \(a and b\)"):
+        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, ng_data)
 
 
 # ----------------------------------------------------------------------------- vector elements

@@ -318,6 +318,36 @@ def test_outside_the_natural_domain():
     assert np.isposinf(log_z).all()
 
 
+def test_integrable_agrees_with_a_finite_log_partition():
+    etas = jnp.asarray([[0.0, 0.1], [1.0, 0.0], [0.0, -0.5], [jnp.nan, -0.5]])
+    oracle = QuadratureOracle(GAUSSIAN)
+    np.testing.assert_array_equal(np.asarray(oracle.integrable(etas)),
+                                  [False, False, True, False])
+    # x^2 overflows (T = inf, g = -inf) before the end of the search grid: the tail is judged
+    # at the last finite point, so exp(0.1 x) on x > 0 (a positive support) is not integrable
+    positive = make("quadratic+", lambda x: {"x": x, "x2": x * x}, constraints.positive)
+    oracle = QuadratureOracle(positive)
+    np.testing.assert_array_equal(np.asarray(oracle.integrable(jnp.asarray(
+        [[0.1, 0.0], [-0.1, 0.0], [1.0, -1.0]]))), [False, True, True])
+    assert np.isposinf(np.asarray(oracle.log_partition(jnp.asarray([0.1, 0.0]))))
+
+
+@pytest.mark.parametrize("family, eta, reference", [
+    (GAMMA, [1.0, -2.0], stats.gamma(2.0, scale=0.5)),
+    (GAUSSIAN, [3.0, -0.5], stats.norm(3.0, 1.0)),
+    (make("beta", lambda x: {"a": jnp.log(x), "b": jnp.log1p(-x)}, constraints.unit_interval),
+     [-0.5, 2.0], stats.beta(0.5, 3.0)),
+])
+def test_draws_follow_the_density(family, eta, reference):
+    """Inverse-CDF draws on the quadrature window: a Kolmogorov-Smirnov test against scipy."""
+    oracle = QuadratureOracle(family)
+    x = np.asarray(oracle.sample(jax.random.key(0), jnp.asarray([eta, eta]), (5000,)))
+    assert x.shape == (5000, 2)
+    assert not np.array_equal(x[:, 0], x[:, 1])  # one key per eta
+    for column in x.T:
+        assert stats.kstest(column, reference.cdf).pvalue > 1e-3
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="nodes_per_panel"):
         QuadratureOracle(GAUSSIAN, nodes_per_panel=1)

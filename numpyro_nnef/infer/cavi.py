@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 
+from ..oracles import QuadratureOracle
 from .conjugacy import ConjugateModel, analyse_model
 
 Array = jax.Array
@@ -190,10 +191,13 @@ class CAVIGuide:
 
     def distribution(self, name: str, eta: Array):
         """q for site ``name`` as a NumPyro distribution with the model site's shapes (sampled
-        by the site's sampler when ``samplers`` names one)."""
+        by the site's sampler when ``samplers`` names one, else by its QuadratureOracle when it
+        has one)."""
         cm = self._require()
         site, fam = cm.sites[name], cm.families[name]
         sampler = self.samplers.get(name)
+        if sampler is None and isinstance(fam.oracle, QuadratureOracle):
+            sampler = fam.oracle  # inverse-CDF draws on the quadrature window, not NUTS
         if sampler is None and hasattr(fam.family, "to_numpyro"):
             q = fam.family.to_numpyro(eta)
         else:
@@ -490,9 +494,9 @@ class CAVI:
         if drops.size:
             learned = [n for n, f in cm.families.items()
                        if type(f.oracle).__name__ != "ExactOracle"]
-            cause = (f"the learned oracle(s) of site(s) {learned} are not exact; try damping="
-                     f"0.5 or a more accurate oracle" if learned else "this should not happen "
-                     "with exact oracles; please report it")
+            cause = (f"the learned or quadrature oracle(s) of site(s) {learned} are not exact; "
+                     f"try damping=0.5 or a more accurate oracle" if learned else "this should "
+                     "not happen with exact oracles; please report it")
             warnings.warn(f"CAVI: the ELBO decreased at sweep(s) {(drops + 2).tolist()} "
                           f"(by up to {float(-np.diff(elbo).min()):.3g}); {cause}",
                           RuntimeWarning, stacklevel=3)

@@ -23,8 +23,11 @@ support: s(x) = B T(x) + c exactly, so that eta_family = B^T d ELJ / d mu_s and 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import inspect
 import itertools
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,20 +42,23 @@ from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import log_density
 
 from .. import families
-from ..family import ExponentialFamily
-from ..oracles import ExactOracle
+from ..family import ExponentialFamily, NaturalDomain
+from ..oracles import ExactOracle, QuadratureOracle
 from .symbolic import (
+    REMEDY,
     Factor,
     NonConjugateError,
     Poly,
     Stat,
     Term,
+    describe,
     evaluate_in_numpy,
     outer,
     trace_log_density,
 )
 
 Array = jax.Array
+logger = logging.getLogger("numpyro_nnef")
 
 __all__ = ["LatentSite", "SiteFamily", "ConjugateModel", "analyse_model", "NonConjugateError"]
 
@@ -166,6 +172,31 @@ def model_sites(model: Callable, args: tuple, kwargs: dict, key: Array
     if not latent:
         raise ValueError("the model has no latent sample sites: nothing to infer")
     return latent, trace, {n: draws[n][1:] for n in latent}
+
+
+def check_finite_arguments(model: Callable, args: tuple, kwargs: dict) -> None:
+    """ValueError naming every floating-point array argument of the model (covariates included,
+    at any depth of a pytree) that holds NaN or infinite values, with their count."""
+    try:
+        bound = inspect.signature(model).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):  # no signature, or one that does not take these arguments
+        bound = {**{f"#{i}": a for i, a in enumerate(args)}, **kwargs}
+    bad = []
+    for name, value in bound.items():
+        for path, leaf in jax.tree_util.tree_flatten_with_path(value)[0]:
+            if not isinstance(leaf, (np.ndarray, jax.Array, float)):
+                continue
+            leaf = np.asarray(leaf)
+            if leaf.dtype.kind not in "fc":
+                continue
+            count = int((~np.isfinite(leaf)).sum())
+            if count:
+                label = (f"argument {int(name[1:])}" if name.startswith("#")
+                         else f"argument {name!r}") + jax.tree_util.keystr(path)
+                bad.append(f"{label} ({count} of {leaf.size} values)")
+    if bad:
+        raise ValueError(f"NaN or infinite values in the model's data: {'; '.join(bad)}. CAVI "
+                         f"needs finite data: impute, drop or mask them")
 
 
 def finite_supports(sites: Mapping[str, LatentSite]) -> dict[str, np.ndarray]:
@@ -486,7 +517,8 @@ def analyse_model(
     statistics); every other site gets the smallest built-in named family that does.
     """
     oracles = dict(oracles or {})
-    sites, trace, draws = model_sites(model, args, kwargs, key)
+    sites, trace, draws = model_sites(model, args, kwargs, key)  # names NaN in observed sites
+    check_finite_arguments(model, args, kwargs)
     unknown = set(oracles) - set(sites)
     if unknown:
         raise ValueError(f"oracles given for {sorted(unknown)}, which are not latent sites of "
@@ -509,7 +541,12 @@ def analyse_model(
         hash(cache_key)
     except TypeError:  # an unhashable static argument: no caching
         cache_key = None
-    poly = trace_log_density(log_joint, values, draws, finite_supports(sites), data, cache_key)
+    try:
+        poly = trace_log_density(log_joint, values, draws, finite_supports(sites), data,
+                                 cache_key)
+    except NonConjugateError as err:
+        raise locate_non_conjugacy(model, args, kwargs, trace, values, draws,
+                                   finite_supports(sites), err) from err
     if not isinstance(poly, Poly):
         raise ValueError("the model's log density does not depend on its latent sites")
     scalar_sites = sites
@@ -593,6 +630,65 @@ def fit_elements(site: LatentSite, elements: np.ndarray, stat_dim: int) -> np.nd
     return np.concatenate([elements, extra.reshape((-1, *site.element_shape))])
 
 
+# distributions whose log density is a log-sigmoid / log-softmax of their logits
+_LOGIT_WORDS = {"BernoulliLogits": "log-sigmoid", "BinomialLogits": "log-sigmoid",
+                "CategoricalLogits": "log-softmax", "MultinomialLogits": "log-softmax"}
+
+
+def locate_non_conjugacy(model: Callable, args: tuple, kwargs: dict, trace: dict,
+                         values: Mapping[str, np.ndarray], draws: Mapping[str, np.ndarray],
+                         finite: Mapping[str, np.ndarray], err: NonConjugateError
+                         ) -> NonConjugateError:
+    """``err`` restated for the sample site whose own log density is not conjugate: that
+    site, its distribution, and the term in words (log-sigmoid of the logits of a Bernoulli,
+    exp of the linear predictor of a Poisson, ...); ``err`` itself when no single site's term
+    is (the model's log joint is not one sum of site terms)."""
+
+    def site_value(name: str, what: Callable[[dict], Array]) -> Callable:
+        def fn(_data, vals):
+            with numpyro.validation_enabled(False):
+                tr = handlers.trace(handlers.substitute(model, data=vals)).get_trace(
+                    *args, **kwargs)
+            return what(tr[name])
+        return fn
+
+    for name, site in trace.items():
+        if site["type"] != "sample":
+            continue
+        log_prob = site_value(name, lambda s: jnp.sum(s["fn"].log_prob(s["value"])))
+        try:
+            trace_log_density(log_prob, values, draws, finite)
+            continue
+        except NonConjugateError as site_err:
+            cause = site_err
+        base = _base_distribution(site["fn"])
+        term = cause.term
+        words = _LOGIT_WORDS.get(type(base).__name__)
+        if words is not None:
+            try:
+                logits = trace_log_density(site_value(name, lambda s: _base_distribution(
+                    s["fn"]).logits), values, draws, finite)
+                if isinstance(logits, Poly):
+                    term = f"{words} of {describe([logits])}"
+            except NonConjugateError:
+                pass
+        sites = ", ".join(repr(n) for n in (cause.sites or err.sites))
+        kind = "observed" if site["is_observed"] else "latent"
+        where = f"the log density of {kind} site {name!r} ({_distribution_name(base)})"
+        what = f"{where} contains {term}" if term else f"in {where}, {cause.reason}"
+        return NonConjugateError(f"the log joint is not conjugate in site(s) {sites}: {what}. "
+                                 f"{REMEDY}", cause.sites or err.sites, term, what)
+    return err
+
+
+def _distribution_name(fn: dist.Distribution) -> str:
+    """Bernoulli for BernoulliLogits and BernoulliProbs (the name the user wrote)."""
+    name = type(fn).__name__
+    for suffix in ("Logits", "Probs"):
+        name = name.removesuffix(suffix)
+    return name
+
+
 # resolved named families by (statistic names, support, element shape)
 _RESOLVED: dict[tuple, tuple[ExponentialFamily, np.ndarray, np.ndarray]] = {}
 
@@ -628,11 +724,164 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
             if key is not None:
                 _RESOLVED[key] = (fam, *fit)
             return SiteFamily(fam, ExactOracle(fam), *fit)
+    if not site.element_shape:
+        return quadrature_family(model, site, elements)
     raise NonConjugateError(
         f"site {site.name!r} (support {site.support}, element shape {site.element_shape}): no "
-        f"named family has the statistics [{names}] that its complete conditional has. Define "
-        f"the family, e.g. ExponentialFamily.from_statistics('MyFamily', lambda x: {{...}}, "
+        f"named family has the statistics [{names}] that its complete conditional has, and "
+        f"automatic (quadrature) families exist only for scalar elements. Define the family, "
+        f"e.g. ExponentialFamily.from_statistics('MyFamily', lambda x: {{...}}, "
         f"event_shape={site.element_shape}, support=...), generate a dataset "
         f"(generate_dataset), train an oracle (train_oracle) and pass it as "
         f"CAVIGuide(model, oracles={{{site.name!r}: oracle}})."
     )
+
+
+# automatic quadrature families by (statistic names, support, fingerprint of the statistics),
+# oldest first (statistics with data in them, such as |y_i - x|, make one per data set)
+_AUTOMATIC: dict[tuple, tuple[ExponentialFamily, QuadratureOracle, np.ndarray, np.ndarray]] = {}
+MAX_AUTOMATIC = 64
+
+
+def scalar_support(support: constraints.Constraint) -> constraints.Constraint | None:
+    """``support`` with scalar bounds, when QuadratureOracle can integrate over it (continuous,
+    event_dim 0, a bijection to the real line or a circle, the same bounds for every element);
+    else None."""
+    if support.is_discrete or support.event_dim != 0:
+        return None
+    bounds = {k: np.asarray(getattr(support, k)) for k in ("lower_bound", "upper_bound")
+              if hasattr(support, k)}
+    if any(b.size == 0 or np.ptp(b) > 0 for b in bounds.values()):
+        return None
+    if any(b.ndim for b in bounds.values()):
+        support = copy.copy(support)
+        for k, b in bounds.items():
+            setattr(support, k, float(b.flat[0]))
+    if isinstance(support, constraints._Circular):
+        return support
+    try:
+        biject_to(support)
+    except NotImplementedError:
+        return None
+    return support
+
+
+def independent_columns(values: np.ndarray, elementwise: np.ndarray, rtol: float = 1e-8
+                        ) -> list[int]:
+    """Indices of the columns of ``values`` (N points, k statistics) that make a family's
+    statistics. A column of an elementwise statistic (an analytic function of x but for a few
+    points, such as x^p, log x, log(1 + x^2)) is kept when it is linearly independent of the
+    constant and of the columns kept before it, on the N points (greedy Gram-Schmidt on columns
+    scaled to unit norm); any other column (a vector statistic such as |y_i - x|, whose kinks
+    may fall between the points) unless it is constant or equal to a kept column."""
+    n = len(values)
+    basis = [np.ones(n) / np.sqrt(n)]
+    keep: list[int] = []
+    for j in range(values.shape[1]):
+        v = values[:, j].astype(np.float64)
+        if elementwise[j]:
+            v = v / max(np.linalg.norm(v), 1e-300)
+            for _ in range(2):  # twice is enough (Kahan)
+                v = v - np.stack(basis, 1) @ (np.stack(basis, 1).T @ v)
+            if np.linalg.norm(v) > rtol:
+                basis.append(v / np.linalg.norm(v))
+                keep.append(j)
+            continue
+        others = [np.full(n, v[0])] + [values[:, k] for k in keep]
+        atol = 1e-12 * np.abs(v).max()
+        if not any(np.allclose(v, w, rtol=1e-12, atol=atol) for w in others):
+            keep.append(j)
+    return keep
+
+
+def probe_points(support: constraints.Constraint, draws: np.ndarray) -> np.ndarray:
+    """Points of a scalar support on which statistics are compared: ``draws`` and the image
+    of a uniform grid u in [-8, 8] (x in [-8, 8], [3e-4, 3e3], ...; the circle in 2 pi)."""
+    if isinstance(support, constraints._Circular):
+        grid = np.linspace(-np.pi, np.pi, 1601, endpoint=False)
+    else:
+        grid = np.asarray(biject_to(support)(jnp.linspace(-8.0, 8.0, 1601)))
+    return np.concatenate([grid, np.asarray(draws, np.float64).reshape(-1)])
+
+
+def quadrature_family(model: ConjugateModel, site: LatentSite, elements: np.ndarray
+                      ) -> SiteFamily:
+    """A family for a scalar site whose statistics no named family spans: T(x) = the
+    linearly independent statistics s_j(x) of its complete conditional, h = 1, the site's
+    support, natural domain {eta : A(eta) < inf}, with a QuadratureOracle (no training)."""
+    stats = model.stats[site.name]
+    names = ", ".join(st.name for st in stats)
+    support = scalar_support(_base_distribution(site.prior).support)
+    if support is None:
+        raise NonConjugateError(
+            f"site {site.name!r} (support {site.support}): no named family has the statistics "
+            f"[{names}] that its complete conditional has, and an automatic quadrature family "
+            f"needs a continuous scalar support with the same bounds for every element")
+    points = probe_points(support, elements)
+    values = model.site_stat_batch(site.name, points)
+    if not np.all(np.isfinite(values)):
+        raise NonConjugateError(
+            f"site {site.name!r}: the statistics [{names}] of its complete conditional are not "
+            f"finite on its support {support}")
+    elementwise = [all(a.elementwise for a, _ in st.atoms) for st in stats]
+    flags = np.repeat(elementwise, _stat_sizes(stats))
+    columns = independent_columns(values, flags)
+    # names of elementwise statistics say what they are; those of vector ones do not
+    key = (tuple(st.name if e else "vector" for st, e in zip(stats, elementwise, strict=True)),
+           str(support), tuple(columns), values.tobytes())
+    if key not in _AUTOMATIC:
+        family = _statistics_family(stats, columns, support)
+        oracle = QuadratureOracle(family)
+        family.natural_constraint = NaturalDomain(
+            oracle.integrable, "A(eta) finite: exp(eta . T(x)) integrable on the support, as "
+            "far as the quadrature's search grid tells", _feasible(oracle))
+        fit = fit_statistics(lambda x: model.site_stat_batch(site.name, x), family, points)
+        if fit is None:
+            raise NonConjugateError(
+                f"site {site.name!r}: the automatic family's statistics do not reproduce "
+                f"[{names}] (a fit s = B T + c failed); please report it")
+        if len(_AUTOMATIC) >= MAX_AUTOMATIC:
+            _AUTOMATIC.pop(next(iter(_AUTOMATIC)))
+        _AUTOMATIC[key] = (family, oracle, *fit)
+    logger.info("site %r: no named family has [%s]; using a quadrature family", site.name, names)
+    family, oracle, B, c = _AUTOMATIC[key]
+    return SiteFamily(family, oracle, B, c)
+
+
+def _stat_sizes(stats: list[Stat]) -> list[int]:
+    """The number of values of each statistic of a scalar element."""
+    return [int(np.prod(jax.eval_shape(st, np.float64(0.5)).shape)) for st in stats]
+
+
+def _statistics_family(stats: list[Stat], columns: list[int], support: constraints.Constraint
+                       ) -> ExponentialFamily:
+    """The family T(x) = (selected flat statistics of the site)(x), a function of scalar x."""
+    sizes = _stat_sizes(stats)
+    labels = [st.name if n == 1 else f"{st.name}[{i}]" for st, n in zip(stats, sizes,
+                                                                           strict=True)
+              for i in range(n)]
+    elementwise = all(a.elementwise for st in stats for a, _ in st.atoms)
+
+    def flat(x: Array) -> Array:
+        parts = [jnp.reshape(st(x), (*jnp.shape(x), -1)) for st in stats]
+        return jnp.concatenate(parts, axis=-1)[..., jnp.asarray(columns)]
+
+    def statistics(x: Array) -> dict[str, Array]:
+        x = jnp.asarray(x)
+        if elementwise:
+            t = flat(x)
+        else:  # vector statistics of a scalar element: one element at a time
+            t = jax.vmap(flat)(x.reshape(-1)).reshape((*x.shape, len(columns)))
+        return {labels[j]: t[..., k] for k, j in enumerate(columns)}
+
+    return ExponentialFamily.from_statistics(f"Quadrature[{', '.join(labels[j] for j in columns)}]",
+                                             statistics, event_shape=(), support=support)
+
+
+def _feasible(oracle: QuadratureOracle) -> np.ndarray:
+    """A natural parameter with A(eta) < inf: the first integrable one of 0 (bounded supports),
+    -e_k for each statistic, and -1 (all statistics); zeros when none is."""
+    d = oracle.family.stat_dim
+    candidates = np.concatenate([np.zeros((1, d)), -np.eye(d), -np.ones((1, d))])
+    ok = np.asarray(oracle.integrable(jnp.asarray(candidates)))
+    return candidates[int(np.argmax(ok))] if ok.any() else np.zeros(d)

@@ -36,7 +36,60 @@ __all__ = ["NonConjugateError", "Stat", "Factor", "Term", "Poly", "outer", "trac
 
 
 class NonConjugateError(ValueError):
-    """The log density is not multilinear in per-site statistics (names the sites and the cause)."""
+    """The log density is not multilinear in per-site statistics (names the sites and the cause).
+
+    ``sites``: the latent sites involved; ``reason``: what is not conjugate, in words;
+    ``term``: the offending term (e.g. "exp of a linear function of w"), empty where the error is
+    not about one term."""
+
+    def __init__(self, message: str, sites: Sequence[str] = (), term: str = "",
+                 reason: str = ""):
+        super().__init__(message)
+        self.sites = tuple(sites)
+        self.term = term
+        self.reason = reason
+
+
+REMEDY = ("CAVI needs a log joint that is multilinear in per-site statistics (sums of products "
+          "of functions of single sites): a conjugate prior/likelihood pair for every latent "
+          "site (e.g. Normal mean and Normal likelihood, Gamma precision and Normal likelihood, "
+          "Gamma rate and Poisson, Beta and Bernoulli(probs=...)). Non-conjugate factors (such "
+          "as logistic or log-link likelihoods) are planned but not supported yet.")
+
+# primitives in the words a model's author would use for them
+PRIMITIVE_WORDS = {"exp": "exp", "expm1": "exp", "log": "log", "log1p": "log", "max": "max",
+                   "min": "min", "clamp": "clip", "abs": "abs", "sign": "sign",
+                   "logistic": "sigmoid", "tanh": "tanh", "erf": "erf", "erfc": "erfc",
+                   "erf_inv": "inverse erf", "lgamma": "log-gamma", "digamma": "digamma",
+                   "sin": "sin", "cos": "cos", "floor": "floor", "ceil": "ceil",
+                   "round": "round", "rem": "remainder", "pow": "a power", "div": "division"}
+
+
+def operation_words(what: str) -> str:
+    """An operation (a primitive name, or "<name>^<exponent>" for powers) in words."""
+    if "^" in what:
+        exponent = Fraction(what.split("^", 1)[1])
+        named = {Fraction(-1): "the reciprocal", Fraction(1, 2): "the square root",
+                 Fraction(-1, 2): "the reciprocal square root"}
+        return named.get(exponent, f"the power {exponent}")
+    return PRIMITIVE_WORDS.get(what, f"the operation {what!r}")
+
+
+def describe(values: Sequence[Any]) -> str:
+    """Site-dependent values in words: "a linear function of w", "a function of several sites
+    (a and b)"."""
+    polys = [v for v in values if isinstance(v, Poly)]
+    sites = sorted(set().union(*(p.sites() for p in polys))) if polys else []
+    names = " and ".join(sites) if len(sites) <= 2 else f"{', '.join(sites[:-1])} and {sites[-1]}"
+    if not sites:
+        return "a function of the latent sites"
+    linear = all(len(t.factors) == 1 and t.factors[0].stat.power_of_x == 1
+                 for p in polys for t in p.terms)
+    if linear:
+        return f"a linear function of {names}"
+    if len(sites) == 1:
+        return f"a nonlinear function of {names}"
+    return f"a function of several sites ({names})"
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -656,13 +709,19 @@ class Interpreter:
             self._sampled[id(v)] = (v, batched_values(v, self.draws))
         return self._sampled[id(v)][1]
 
-    def error(self, sites: set[str], what: str) -> NonConjugateError:
+    def error(self, sites: set[str], what: str, term: str = "") -> NonConjugateError:
+        """The error for site(s) ``sites``: ``what`` went wrong; ``term`` (when the cause is one
+        operation) says which in words, e.g. "exp of a linear function of w"."""
         names = ", ".join(sorted(sites))
         return NonConjugateError(
-            f"the log density is not conjugate in site(s) {names}: {what}. CAVI needs a log "
-            f"density that is multilinear in per-site statistics (products of functions of "
-            f"single sites)."
-        )
+            f"the log density is not conjugate in site(s) {names}: {what}. {REMEDY}",
+            sorted(sites), term, what)
+
+    def nonlinear_error(self, sites: set[str], what: str, values: Sequence[Value],
+                        why: str = "") -> NonConjugateError:
+        """Operation ``what`` (a primitive name) applied to site-dependent ``values``."""
+        term = f"{operation_words(what)} of {describe(values)}"
+        return self.error(sites, term + (f" ({why})" if why else ""), term)
 
     # -------------------------------------------------------------- evaluation
     def run(self, closed: jcore.ClosedJaxpr, args: Sequence[Value]) -> list[Value]:
@@ -727,7 +786,7 @@ class Interpreter:
         if len(ins) == 1 and len(eqn.outvars) == 1 and shape == polys[0].shape:
             return [self.nonlinear(polys[0], lambda v: prim.bind(v, **params), name)]
         sites = set().union(*(p.sites() for p in polys))
-        raise self.error(sites, f"primitive {name!r} is applied to them")
+        raise self.nonlinear_error(sites, name, polys)
 
     # -------------------------------------------------------------- booleans
     def boolean(self, eqn, ins: list[Value]) -> Value:
@@ -760,7 +819,8 @@ class Interpreter:
             draws = pred.draws
             if not np.all(draws == draws[:1]):
                 sites = set().union(*(c.sites() for c in cases if isinstance(c, Poly)))
-                raise self.error(sites or {"?"}, "a branch (where/select) depends on their value")
+                raise self.error(sites or {"?"}, "a branch (where/select) depends on the value "
+                                                  f"of {' and '.join(sorted(sites)) or 'a site'}")
             pred = draws[0]
         pred = np.broadcast_to(np.asarray(pred).astype(np.int64), shape)
         total: Value = np.zeros(shape)
@@ -1113,7 +1173,7 @@ class Interpreter:
         """f(p) for p a polynomial in ONE site, the same function of every element: a new atom."""
         sites = p.sites()
         if len(sites) != 1:
-            raise self.error(sites, f"{what} is applied to an expression of several sites")
+            raise self.nonlinear_error(sites, what, [p])
         (site,) = sites
         scalar = single_site_function(p, site)
         if scalar is None and self.draws[site].shape[1:] == () and p.shape:
@@ -1125,8 +1185,8 @@ class Interpreter:
             term = Term((), (Factor(site, Stat.of(atom), labels),), labels)
             return Poly(p.shape, [term], np.zeros(p.shape))
         if scalar is None:
-            raise self.error(sites, f"{what} is applied to an expression whose coefficients "
-                                    "differ between the site's elements")
+            raise self.nonlinear_error(sites, what, [p], "it combines several elements of the "
+                                       "site, or weighs them differently")
         inner, labels, out = scalar
         atom = Atom(f"{what}({inner.name})", lambda x, inner=inner, fn=fn: fn(inner(x)))
         term = Term((), (Factor(site, Stat.of(atom), labels),), out)

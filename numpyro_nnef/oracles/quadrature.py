@@ -63,6 +63,31 @@ def _window(g: Array, threshold: float) -> tuple[Array, Array]:
             jnp.where(empty, size - 1, jnp.minimum(last + 1, size - 1)))
 
 
+def _diverges(g: Array, threshold: float) -> Array:
+    """Whether exp(g) fails to decay at an end of the grid, as far as the grid can tell: g is
+    within ``threshold`` of its maximum at the first or last point where it is finite and does
+    not decrease outwards there (or g is nowhere finite). The ends are the outermost finite
+    points, because statistics such as x^2 overflow before the grid's end (g = -inf there)."""
+    size = g.shape[0]
+    idx = jnp.arange(size)
+    finite = g > -jnp.inf
+    first = jnp.min(jnp.where(finite, idx, size - 1))
+    last = jnp.max(jnp.where(finite, idx, 0))
+    near = g >= jnp.max(g) - threshold
+    rising_out_first = g[first] >= g[jnp.minimum(first + 1, size - 1)]
+    rising_out_last = g[last] >= g[jnp.maximum(last - 1, 0)]
+    return ~jnp.any(finite) | (near[first] & rising_out_first) | (near[last] & rising_out_last)
+
+
+def _log_expm1_ratio(d: Array) -> Array:
+    """log((exp(d) - 1) / d), stable for every d (d / 2 near 0)."""
+    small = jnp.abs(d) < 1e-6
+    safe = jnp.where(small, 1.0, d)
+    positive = safe + jnp.log(-jnp.expm1(-safe)) - jnp.log(jnp.abs(safe))
+    negative = jnp.log(-jnp.expm1(safe)) - jnp.log(jnp.abs(safe))
+    return jnp.where(small, d / 2, jnp.where(safe > 0, positive, negative))
+
+
 def _interp(x: Array, xp: Array, fp: Array) -> Array:
     """Piecewise-linear interpolation for increasing xp (small sizes: compares all pairs, which
     compiles much faster than jnp.interp's search)."""
@@ -90,6 +115,7 @@ class QuadratureOracle(Oracle):
         real line and 700 through exp/sigmoid transforms (exp(+-700) is finite in float64; in
         float32 the limit becomes 84).
       coarse_scale: search points are coarse_scale * sinh(t) for uniform t.
+      sample_points: uniform points of the window on which ``sample`` inverts the CDF.
 
     Where the integrand does not decay at an end of the search grid (eta outside the natural
     domain), log_partition is +inf and the moments are NaN. Tails too heavy to fit in the search
@@ -111,6 +137,7 @@ class QuadratureOracle(Oracle):
         log_threshold: float = 40.0,
         coarse_limit: float | None = None,
         coarse_scale: float = 1.0,
+        sample_points: int = 4096,
     ):
         super().__init__(family)
         event_shape, support = tuple(family.event_shape), family.support
@@ -139,7 +166,8 @@ class QuadratureOracle(Oracle):
         self.scalar_support = support  # what x itself ranges over
         for name, value in (("num_panels", num_panels), ("nodes_per_panel", nodes_per_panel),
                             ("coarse_points", coarse_points), ("refine_points", refine_points),
-                            ("max_refinements", max_refinements)):
+                            ("max_refinements", max_refinements),
+                            ("sample_points", sample_points)):
             if int(value) < (1 if name == "max_refinements" else 2):
                 raise ValueError(f"QuadratureOracle: {name} is too small: {value}")
         if not log_threshold > 0:
@@ -151,6 +179,7 @@ class QuadratureOracle(Oracle):
         self.max_refinements = int(max_refinements)
         self.log_threshold = float(log_threshold)
         self.coarse_scale = float(coarse_scale)
+        self.sample_points = int(sample_points)
         self._gl_x, self._gl_w = leggauss(self.nodes_per_panel)
 
         self.circular = isinstance(support, constraints._Circular)
@@ -208,12 +237,7 @@ class QuadratureOracle(Oracle):
             shift = u[jnp.argmax(g)]  # centre the periodic window on the mode
         g, _ = self._log_integrand(eta, u, shift)
         lo, hi = _window(g, thr)
-        diverged = jnp.zeros((), bool)
-        if not self.circular:
-            # Not integrable as far as the grid can tell: near the max at an end, and not
-            # decreasing outwards there.
-            near = g >= jnp.max(g) - thr
-            diverged = (near[0] & (g[0] >= g[1])) | (near[-1] & (g[-1] >= g[-2]))
+        diverged = jnp.zeros((), bool) if self.circular else _diverges(g, thr)
 
         def refine(carry):
             u, g, lo, hi, i = carry
@@ -319,6 +343,70 @@ class QuadratureOracle(Oracle):
         nan = jnp.asarray(jnp.nan, eta.dtype)
         return (jnp.where(diverged, jnp.inf, log_z), jnp.where(diverged, nan, mean),
                 jnp.where(diverged, nan, cov))
+
+    def mean_and_log_partition_single(self, eta: Array) -> tuple[Array, Array]:
+        """(E[T | eta], A(eta)) from one set of integrand evaluations."""
+        log_z, mean, _ = self.log_partition_and_moments_single(eta)
+        return mean, log_z
+
+    def integrable_single(self, eta: Array) -> Array:
+        """Whether A(eta) < inf as far as the search grid can tell (the test by which
+        ``log_partition`` returns +inf), from the first search grid only."""
+        if self.circular:  # a bounded support: every finite eta
+            return jnp.all(jnp.isfinite(eta))
+        eta = jnp.asarray(eta)
+        u = jnp.asarray(self._search_grid(eta.dtype), eta.dtype)
+        g, _ = self._log_integrand(eta, u, jnp.zeros((), eta.dtype))
+        return jnp.all(jnp.isfinite(eta)) & ~_diverges(g, self.log_threshold)
+
+    def integrable(self, eta: Array) -> Array:
+        """``integrable_single`` over eta of shape ``batch + (stat_dim,)``: shape ``batch``."""
+        return self._batched("integrable_single", eta)
+
+    def sample_single(self, key: Array, eta: Array, num: int) -> Array:
+        """``num`` draws of x for one flat eta, by inverting the CDF of exp(g) with g linear
+        between ``sample_points`` uniform points of the quadrature window (exact for that
+        piecewise-exponential density, whose relative error is about h^2 |g''| / 8 for spacing
+        h); non-finite g drops its segments; NaN draws where A(eta) = inf."""
+        nodes, _, shift, diverged = self.nodes_single(eta)
+        eta = jax.lax.stop_gradient(jnp.asarray(eta))
+        u = jnp.linspace(jnp.min(nodes), jnp.max(nodes), self.sample_points, dtype=eta.dtype)
+        g, _ = self._log_integrand(eta, u, shift)
+        h = u[1] - u[0]
+        g0, g1 = g[:-1], g[1:]
+        ok = (g0 > -jnp.inf) & (g1 > -jnp.inf)
+        d = jnp.where(ok, g1 - g0, 0.0)
+        log_mass = jnp.where(ok, g0 + _log_expm1_ratio(d), -jnp.inf)
+        k_seg, k_pos = jax.random.split(key)
+        cdf = jnp.cumsum(jnp.exp(log_mass - jnp.max(log_mass)))
+        w = jax.random.uniform(k_seg, (num,), eta.dtype) * cdf[-1]
+        j = jnp.clip(jnp.searchsorted(cdf, w, side="right"), 0, cdf.shape[0] - 1)
+        v = jax.random.uniform(k_pos, (num,), eta.dtype)
+        dj = d[j]
+        small = jnp.abs(dj) < 1e-8
+        safe = jnp.where(small, 1.0, dj)
+        # t in [0, 1] with density prop. to exp(d t): the inverse of its CDF, stable for both signs
+        t = jnp.where(safe > 0, 1.0 + jnp.log(v + (1.0 - v) * jnp.exp(-safe)) / safe,
+                      jnp.log1p(v * jnp.expm1(safe)) / safe)
+        t = jnp.clip(jnp.where(small, v, t), 0.0, 1.0)
+        draws = u[j] + t * h
+        x = _wrap(draws + shift) if self.circular else self.transform(draws)
+        return jnp.where(diverged, jnp.nan, x)
+
+    def sample(self, key: Array, eta: Array, sample_shape: tuple[int, ...] = ()) -> Array:
+        """Draws x ~ p(x | eta), shape ``sample_shape + batch + event_shape`` (see
+        ``sample_single``); jit/vmap-able."""
+        eta = self._eta(jnp.asarray(eta))
+        sample_shape = tuple(int(n) for n in sample_shape)
+        num = int(np.prod(sample_shape))
+        if "_sample_jit" not in self.__dict__:
+            def draw(key, flat, num):
+                keys = jax.random.split(key, flat.shape[0])
+                return jax.vmap(lambda k, e: self.sample_single(k, e, num))(keys, flat)
+            self.__dict__["_sample_jit"] = jax.jit(draw, static_argnums=2)
+        x = self.__dict__["_sample_jit"](key, eta.reshape((-1, eta.shape[-1])), num)
+        x = jnp.moveaxis(x, 0, -1).reshape(sample_shape + eta.shape[:-1])  # x was (batch, num)
+        return x[..., None] if self._unit_vector else x
 
     def log_partition_single(self, eta: Array) -> Array:
         """A(eta) = log int h(x) exp(eta . T(x)) dx for one flat eta."""
