@@ -359,3 +359,65 @@ def test_sampler_for_another_family_or_site_names_the_site():
         guide = nnef.CAVIGuide(model, oracles={"x": oracle}, samplers=samplers)
         with pytest.raises(ValueError, match=match):
             nnef.CAVI(model, guide).run(jax.random.key(0), 5, y)
+
+
+def grouped_counts(group, y, n, k, exposure, counts, num_groups=3):
+    """Per-group Beta-Bernoulli (indexed by a data array), Binomial with per-group totals, and
+    Gamma-Poisson with per-observation exposures and a rate per group."""
+    with numpyro.plate("g", num_groups):
+        p = numpyro.sample("p", dist.Beta(2.0, 2.0))
+        q = numpyro.sample("q", dist.Beta(1.5, 3.0))
+        rate = numpyro.sample("rate", dist.Gamma(2.0, 1.0))
+        numpyro.sample("k", dist.Binomial(total_count=n, probs=q), obs=k)
+    with numpyro.plate("obs", y.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(probs=p[group]), obs=y)
+        numpyro.sample("c", dist.Poisson(exposure * rate[group]), obs=counts)
+
+
+@pytest.fixture(scope="module")
+def counts_data():
+    rng = np.random.default_rng(4)
+    group = rng.integers(0, 3, 24)
+    exposure = rng.uniform(0.5, 2.0, 24)
+    n = np.array([5.0, 12.0, 3.0])
+    return (jnp.asarray(group), jnp.asarray(rng.integers(0, 2, 24).astype(float)),
+            jnp.asarray(n), jnp.asarray(rng.binomial(n.astype(int), 0.4).astype(float)),
+            jnp.asarray(exposure), jnp.asarray(rng.poisson(2.0 * exposure).astype(float)))
+
+
+def test_symbolic_form_with_per_element_coefficients_and_indexing(counts_data):
+    """log(1 - p[group]) with counts outside the log, Binomial totals that differ per group, and
+    log(exposure * rate[group]) trace to a form equal to the log density."""
+    rng = np.random.default_rng(0)
+    draws = {"p": rng.uniform(size=(8, 3)), "q": rng.uniform(size=(8, 3)),
+             "rate": rng.gamma(2.0, size=(8, 3))}
+
+    def ld(d):
+        return log_density(grouped_counts, counts_data, {}, d)[0]
+
+    poly = trace_log_density(lambda data, d: ld(d), {k: v[0] for k, v in draws.items()}, draws)
+    for k in range(1, 4):
+        point = {n: jnp.asarray(v[k]) for n, v in draws.items()}
+        np.testing.assert_allclose(float(poly.at(point)), float(ld(point)), rtol=1e-5)
+
+
+def test_grouped_beta_bernoulli_binomial_poisson_are_exact(counts_data):
+    """Each q factor is the exact posterior: Beta(a + sum y_g, b + n_g - sum y_g) and
+    Gamma(2 + sum c_g, 1 + sum exposure_g)."""
+    group, y, n, k, exposure, counts = (np.asarray(a) for a in counts_data)
+    guide = nnef.CAVIGuide(grouped_counts)
+    result = nnef.CAVI(grouped_counts, guide).run(jax.random.key(0), 20, *counts_data)
+    assert {n: f.family.name for n, f in guide.conjugate.families.items()} == {
+        "p": "Beta", "q": "Beta", "rate": "Gamma"}
+    assert result.converged
+    assert np.all(np.diff(result.elbo) >= -1e-6 * np.abs(result.elbo[1:]))
+    ones = np.ones_like(y)
+    np.testing.assert_allclose(result.params["p_eta"], np.stack(
+        [1 + np.bincount(group, y, 3), 1 + np.bincount(group, ones - y, 3)], -1), rtol=1e-5)
+    np.testing.assert_allclose(result.params["q_eta"], np.stack([0.5 + k, 2.0 + n - k], -1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(result.params["rate_eta"], np.stack(
+        [1 + np.bincount(group, counts, 3), -1 - np.bincount(group, exposure, 3)], -1),
+        rtol=1e-5)
+    check = result.check_elbo(jax.random.key(1), 2000)
+    assert check.passed(), str(check)

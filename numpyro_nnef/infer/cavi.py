@@ -42,18 +42,25 @@ class CAVIState(NamedTuple):
     ok: dict[str, Array]
 
 
+ROUNDING_ULPS = 100  # rounding of the ELBO's sums, in units of its dtype's eps times |ELBO|
+
+
 class ELBOCheck(NamedTuple):
     """The engine's ELBO next to a Monte Carlo estimate E_q[log p(x) - log q(x)] from q's own
-    draws, with its Monte Carlo standard error; ``z`` = (engine - estimate) / mcse."""
+    draws, with its Monte Carlo standard error; ``z`` = (engine - estimate) / sqrt(mcse^2 +
+    rounding^2), ``rounding`` the rounding error of the ELBO's sums in their dtype (where q is
+    the exact posterior, log p - log q is constant and the mcse is only rounding noise)."""
 
     engine: float
     monte_carlo: float
     mcse: float
     num_samples: int
+    rounding: float = 0.0
 
     @property
     def z(self) -> float:
-        return (self.engine - self.monte_carlo) / self.mcse if self.mcse > 0 else (
+        scale = float(np.hypot(self.mcse, self.rounding))
+        return (self.engine - self.monte_carlo) / scale if scale > 0 else (
             0.0 if self.engine == self.monte_carlo else float("inf"))
 
     def passed(self, num_mcse: float = 4.0) -> bool:
@@ -116,7 +123,10 @@ class CAVIResult:
                                "CAVI.run returned")
         estimate, mcse = monte_carlo_elbo(self.model, self.guide, self.params, rng_key,
                                           num_samples, *self.args, **self.kwargs)
-        return ELBOCheck(float(self.elbo[-1]), estimate, mcse, num_samples)
+        engine = float(self.elbo[-1])
+        eps = float(np.finfo(np.asarray(self.state.elbo).dtype).eps)
+        rounding = ROUNDING_ULPS * eps * max(1.0, abs(engine))
+        return ELBOCheck(engine, estimate, mcse, num_samples, rounding)
 
 
 class CAVIGuide:

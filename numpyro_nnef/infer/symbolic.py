@@ -1079,12 +1079,102 @@ class Interpreter:
             term = Term((), (Factor(site, Stat.of(atom), labels),), labels)
             return Poly(p.shape, [term], np.zeros(p.shape))
         if scalar is None:
-            raise self.error(sites, f"{what} is applied to an expression whose coefficients "
-                                    "differ between the site's elements")
+            return self.routed_function(p, site, fn, what)
         inner, labels, out = scalar
         atom = Atom(f"{what}({inner.name})", lambda x, inner=inner, fn=fn: fn(inner(x)))
         term = Term((), (Factor(site, Stat.of(atom), labels),), out)
         return Poly(p.shape, [term], np.zeros(p.shape))
+
+
+    def routed_function(self, p: Poly, site: str, fn: Callable[[Array], Array], what: str
+                        ) -> Value:
+        """f(p)[o] = f_c(o)(x[e(o)]) with f_c(x) = f(sum_s a_cs s(x) + b_c), for p[o] = sum_s
+        a_s[o] s(x)[e(o)] + b[o]: each entry one element e(o), entries grouped in classes c by
+        their coefficients (a[o], b[o]); each class is one statistic f_c, routed to its
+        entries."""
+        found = element_classes(p, site, self.draws[site].shape[1:])
+        if found is None:
+            raise self.error({site}, f"{what} is applied to an expression whose coefficients "
+                                     "differ between the site's elements")
+        stats, routing, classes, coefs = found
+        site_labels = fresh(routing.ndim - len(p.shape))
+        out = fresh(len(p.shape))
+        constant = np.zeros(p.shape)
+        terms = []
+        for c, row in enumerate(coefs):
+            mask = classes == c
+            inner = AffineStats(tuple(zip(row[:-1], stats, strict=True)), float(row[-1]))
+            if inner.is_constant:
+                constant = np.where(mask, np.asarray(fn(jnp.asarray(row[-1]))), constant)
+                continue
+            atom = Atom(f"{what}({inner.name})", lambda x, inner=inner, fn=fn: fn(inner(x)))
+            routing_c = routing * mask.reshape(mask.shape + (1,) * len(site_labels))
+            terms.append(Term(((routing_c, out + site_labels),),
+                              (Factor(site, Stat.of(atom), site_labels),), out))
+        return simplify(Poly(p.shape, terms, constant))
+
+
+MAX_CLASSES = 16  # distinct coefficient vectors under one nonlinearity (one statistic each)
+
+
+def element_classes(p: Poly, site: str, site_shape: tuple[int, ...]
+                    ) -> tuple[list[Stat], np.ndarray, np.ndarray, np.ndarray] | None:
+    """(statistics s, 0/1 routing (p.shape + site_shape), class of each entry (p.shape), one row
+    (a_s..., b) per class) with p[o] = sum_s a_s[o] s(x)[e(o)] + b[o] and (a[o], b[o]) the row
+    of o's class, when every entry reads at most one element through elementwise statistics
+    and there are at most MAX_CLASSES rows; else None."""
+    size = max(int(np.prod(site_shape)), 1)
+    basis = np.eye(size).reshape((size, *site_shape))
+    stats: list[Stat] = []
+    responses: list[np.ndarray] = []  # per statistic: (size, entries)
+    for t in p.terms:
+        if len(t.factors) != 1 or t.factors[0].site != site or not all(
+                a.elementwise for a, _ in t.factors[0].stat.atoms):
+            return None
+        response = batched_values(Poly(p.shape, [t], np.zeros(p.shape)), {site: basis},
+                                  apply_stats=False).reshape(size, -1)
+        stat = t.factors[0].stat
+        if stat in stats:
+            responses[stats.index(stat)] = responses[stats.index(stat)] + response
+        else:
+            stats.append(stat)
+            responses.append(response)
+    if not stats:
+        return None
+    nonzero = np.stack(responses) != 0  # (stats, size, entries)
+    reads = nonzero.any(axis=0)  # (size, entries)
+    if np.any(reads.sum(axis=0) > 1):
+        return None
+    coefs = np.stack([r.sum(axis=0) for r in responses]
+                     + [np.broadcast_to(p.constant, p.shape).ravel()], axis=1)
+    rows, classes = np.unique(coefs, axis=0, return_inverse=True)
+    if len(rows) > MAX_CLASSES:
+        return None
+    routing = np.moveaxis(reads.astype(np.float64), 0, -1).reshape((*p.shape, *site_shape))
+    return stats, routing, classes.reshape(p.shape), rows
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineStats:
+    """x -> sum_s a_s s(x) + b for statistics s of one site's elements."""
+
+    parts: tuple[tuple[float, Stat], ...]
+    offset: float
+
+    @property
+    def is_constant(self) -> bool:
+        return all(a == 0 for a, _ in self.parts)
+
+    @property
+    def name(self) -> str:
+        parts = [(a, s) for a, s in self.parts if a != 0]
+        if len(parts) == 1 and parts[0][0] == 1 and not self.offset:
+            return parts[0][1].name  # f(1.0*s) is the atom f(s) of the other rules
+        return " + ".join(f"{float(a)!r}*{s.name}" for a, s in parts) + (
+            f" + {self.offset!r}" if self.offset else "")
+
+    def __call__(self, x: Array) -> Array:
+        return sum((a * s(x) for a, s in self.parts if a != 0), self.offset)
 
 
 def describe_routing(p: Poly) -> tuple:
@@ -1234,16 +1324,7 @@ def single_site_function(p: Poly, site: str):
     if c.size and not np.all(c == c.flat[0]):
         return None
     c0 = float(c.flat[0]) if c.size else 0.0
-    name = " + ".join(f"{a:g}*{s.name}" for a, s in parts) + (f" + {c0:g}" if c0 else "")
-
-    class Inner:
-        def __init__(self):
-            self.name = name
-
-        def __call__(self, x):
-            return sum((a * s(x) for a, s in parts), c0)
-
-    return Inner(), labels, p.terms[0].out
+    return AffineStats(tuple(parts), c0), labels, p.terms[0].out
 
 
 # ----------------------------------------------------------------------------- entry point
