@@ -331,9 +331,12 @@ class Switch:
         return total
 
 
+# operations whose every output entry is one input entry
+REARRANGEMENTS = {"squeeze", "reshape", "expand_dims", "broadcast_in_dim", "transpose"}
 CASEWISE = {"add", "sub", "mul", "div", "neg", "integer_pow", "square", "sqrt", "rsqrt", "pow",
             "log", "log1p", "abs", "exp", "convert_element_type", "stop_gradient", "lgamma",
-            "digamma", "expm1", "logistic", "tanh"}
+            "digamma", "expm1", "logistic", "tanh", "max", "min", "clamp", "select_n",
+            "eq", "ne", "lt", "le", "gt", "ge", "is_finite", "and", "or", "not", "xor"}
 
 
 def simplify(p: Poly) -> Value:
@@ -620,12 +623,32 @@ class Interpreter:
         if isinstance(v, SampledBool):
             return v.draws
         if isinstance(v, Switch):
-            v = v.expand()
+            v = self.expand(v)
         if not isinstance(v, Poly):
             return np.broadcast_to(np.asarray(v), (num, *np.shape(v)))
         if id(v) not in self._sampled:  # support checks often test one value several times
             self._sampled[id(v)] = (v, batched_values(v, self.draws))
         return self._sampled[id(v)][1]
+
+    def rearrange_switch(self, eqn, sw: Switch) -> Switch:
+        """A rearrangement R (each output entry one input entry) of sum_k 1_k c_k:
+        sum_k R(1_k) R(c_k)."""
+        shape = tuple(eqn.outvars[0].aval.shape)
+        indicators = {k: self.apply(eqn, [ind])[0] for k, ind in sw.indicators.items()}
+        cases = {k: self.apply(eqn, [c])[0] for k, c in sw.cases.items()}
+        (site,) = next(iter(indicators.values())).sites()
+        key = (site, tuple(describe_routing(indicators[k]) for k in indicators))
+        return Switch(shape, self.indicator_cache.setdefault(key, indicators), cases)
+
+    def expand(self, sw: Switch) -> Value:
+        """The switch as one value; a switch of site-dependent booleans (a comparison made
+        casewise) as the booleans of the case that each draw's indicators pick."""
+        if not any(isinstance(c, SampledBool) for c in sw.cases.values()):
+            return sw.expand()
+        total = 0
+        for k, case in sw.cases.items():
+            total = total + self.sampled(sw.indicators[k]) * self.sampled(case)
+        return SampledBool(np.asarray(total) != 0)
 
     def error(self, sites: set[str], what: str) -> NonConjugateError:
         names = ", ".join(sorted(sites))
@@ -672,7 +695,9 @@ class Interpreter:
                 cases = {k: self.apply(eqn, [x.cases[k] if isinstance(x, Switch) else x
                                              for x in ins])[0] for k in first.cases}
                 return [Switch(first.shape, first.indicators, cases)]
-            ins = [x.expand() if isinstance(x, Switch) else x for x in ins]
+            if name in REARRANGEMENTS and len(ins) == 1:
+                return [self.rearrange_switch(eqn, switches[0])]
+            ins = [self.expand(x) if isinstance(x, Switch) else x for x in ins]
             if not any(isinstance(x, (Poly, SampledBool)) for x in ins):
                 return self.apply(eqn, ins)
         if name in CALLS:
@@ -690,8 +715,9 @@ class Interpreter:
         decided = self.decided_on_draws(eqn, ins)
         if decided is not None:
             return [decided]
-        if name == "gather" and isinstance(ins[1], Poly):
-            return [self.gather_by_site(eqn, ins, shape)]
+        if (name == "gather" and isinstance(ins[1], Poly)) or (
+                name == "dynamic_slice" and any(isinstance(x, Poly) for x in ins[1:])):
+            return [self.index_by_site(eqn, ins, shape)]
         if name in LINEAR_BY_BASIS:
             return [self.linear_by_basis(eqn, ins, shape)]
         polys = [x for x in ins if isinstance(x, Poly)]
@@ -764,39 +790,59 @@ class Interpreter:
             return p
         return out[0] if np.all(out == out[:1]) else None
 
-    def gather_by_site(self, eqn, ins: list[Value], shape: tuple[int, ...]) -> Value:
-        """operand[z] with z a site with finite support: sum_k 1{z = k} operand[k]; the
-        indicators are statistics of z (one-hot), operand[k] a constant-index gather."""
-        operand, indices = ins[0], ins[1]
-        sites = indices.sites()
+    def index_by_site(self, eqn, ins: list[Value], shape: tuple[int, ...]) -> Value:
+        """operand[z] (gather or dynamic_slice) with z a site with finite support:
+        sum_k 1{z = k} operand[k]; the indicators are statistics of z (one-hot) broadcast over
+        the slice's axes, operand[k] a constant-index gather or slice."""
+        operand = ins[0]
+        if eqn.primitive.name == "gather":
+            indices = ins[1]
+            sites = indices.sites()
+            sampled = self.sampled(indices)  # (M, ..., index vector)
+            varying = np.any(sampled != sampled[:1], axis=tuple(range(sampled.ndim - 1)))
+            offset = eqn.params["dimension_numbers"].offset_dims
+            batch_dims = tuple(d for d in range(len(shape)) if d not in offset)
+            if varying.sum() != 1 or len(batch_dims) != len(indices.shape) - 1 or any(
+                    shape[d] != n for d, n in zip(batch_dims, indices.shape[:-1], strict=True)):
+                raise self.error(sites, "they index an array in a way CAVI does not support")
+            (j,) = np.flatnonzero(varying)
+            base = sampled[0]
+            select = np.zeros((*indices.shape[:-1], *indices.shape))
+            flat = np.arange(int(np.prod(indices.shape[:-1])))
+            select.reshape(len(flat), -1)[flat, flat * indices.shape[-1] + j] = 1.0
+            component = simplify(linear_map(indices, select, tuple(indices.shape[:-1])))
+
+            def fixed(k: int) -> list[Value]:
+                idx = base.copy()
+                idx[..., j] = k
+                return [operand, idx.astype(eqn.invars[1].aval.dtype), *ins[2:]]
+        else:  # dynamic_slice: one scalar start index depends on the site
+            positions = [k for k in range(1, len(ins)) if isinstance(ins[k], Poly)]
+            sites = set().union(*(ins[k].sites() for k in positions))
+            if len(positions) != 1:
+                raise self.error(sites, "they index an array in a way CAVI does not support")
+            (j,) = positions
+            component, batch_dims = ins[j], ()
+
+            def fixed(k: int) -> list[Value]:
+                return [*ins[:j], np.asarray(k, dtype=eqn.invars[j].aval.dtype), *ins[j + 1:]]
         (site,) = sites if len(sites) == 1 else (None,)
         if site not in self.finite_supports:
             raise self.error(sites, "they are used as indices but are not one discrete site "
                                     "with a finite support")
-        sampled = self.sampled(indices)  # (M, ..., index vector)
-        varying = np.any(sampled != sampled[:1], axis=tuple(range(sampled.ndim - 1)))
-        if varying.sum() != 1 or tuple(indices.shape[:-1]) != shape:
-            raise self.error(sites, "they index an array in a way CAVI does not support")
-        (j,) = np.flatnonzero(varying)
-        base = sampled[0]
-        select = np.zeros((*indices.shape[:-1], *indices.shape))
-        flat = np.arange(int(np.prod(indices.shape[:-1])))
-        select.reshape(len(flat), -1)[flat, flat * indices.shape[-1] + j] = 1.0
-        component = simplify(linear_map(indices, select, tuple(indices.shape[:-1])))
         cases: dict[int, Value] = {}
         indicators: dict[int, Poly] = {}
         for k in self.finite_supports[site]:
             k = int(k)
-            idx = base.copy()
-            idx[..., j] = k
-            fixed = [operand, idx.astype(eqn.invars[1].aval.dtype), *ins[2:]]
             if isinstance(operand, Poly):
-                picked = self.linear_by_basis(eqn, fixed, shape)
+                picked = self.linear_by_basis(eqn, fixed(k), shape)
             else:
-                picked = np.asarray(eqn.primitive.bind(*[jnp.asarray(x) for x in fixed],
+                picked = np.asarray(eqn.primitive.bind(*[jnp.asarray(x) for x in fixed(k)],
                                                        **eqn.params))
-            atom = Atom(f"1{{x={k}}}", lambda v, k=k: (v == k).astype(np.float64))
-            indicators[k] = self.route(component, site, Stat.of(atom))
+            atom = Atom(f"1{{x={k}}}", lambda v, k=k: (v == k) * 1.0)
+            indicator = self.route(component, site, Stat.of(atom))
+            indicators[k] = broadcast_in_dim(indicator, shape, batch_dims) if (
+                indicator.shape != shape) else indicator
             cases[k] = picked
         key = (site, tuple(describe_routing(indicators[k]) for k in indicators))
         indicators = self.indicator_cache.setdefault(key, indicators)
