@@ -90,7 +90,7 @@ def monte_carlo_elbo(model: Callable, guide: CAVIGuide, params: Mapping[str, Arr
             values[n])) for n in cm.sites)
         return log_p - log_q
 
-    ratios = np.asarray(jax.vmap(log_ratio)(draws), dtype=np.float64)
+    ratios = np.asarray(jax.jit(jax.vmap(log_ratio))(draws), dtype=np.float64)
     if not np.all(np.isfinite(ratios)):
         bad = int((~np.isfinite(ratios)).sum())
         raise FloatingPointError(f"log p - log q is not finite on {bad} of {num_samples} draws "
