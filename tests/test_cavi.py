@@ -364,7 +364,7 @@ def test_sampler_for_another_family_or_site_names_the_site():
 
 def grouped_counts(group, y, n, k, exposure, counts, num_groups=3):
     """Per-group Beta-Bernoulli (indexed by a data array), Binomial with per-group totals, and
-    Gamma-Poisson with per-observation exposures and a rate per group."""
+    Gamma-Poisson with per-observation exposures and a rate per group or per observation."""
     with numpyro.plate("g", num_groups):
         p = numpyro.sample("p", dist.Beta(2.0, 2.0))
         q = numpyro.sample("q", dist.Beta(1.5, 3.0))
@@ -373,6 +373,8 @@ def grouped_counts(group, y, n, k, exposure, counts, num_groups=3):
     with numpyro.plate("obs", y.shape[0]):
         numpyro.sample("y", dist.Bernoulli(probs=p[group]), obs=y)
         numpyro.sample("c", dist.Poisson(exposure * rate[group]), obs=counts)
+        lam = numpyro.sample("lam", dist.Gamma(2.0, 1.0))
+        numpyro.sample("c_own", dist.Poisson(exposure * lam), obs=counts)
 
 
 @pytest.fixture(scope="module")
@@ -391,7 +393,7 @@ def test_symbolic_form_with_per_element_coefficients_and_indexing(counts_data):
     log(exposure * rate[group]) trace to a form equal to the log density."""
     rng = np.random.default_rng(0)
     draws = {"p": rng.uniform(size=(8, 3)), "q": rng.uniform(size=(8, 3)),
-             "rate": rng.gamma(2.0, size=(8, 3))}
+             "rate": rng.gamma(2.0, size=(8, 3)), "lam": rng.gamma(2.0, size=(8, 24))}
 
     def ld(d):
         return log_density(grouped_counts, counts_data, {}, d)[0]
@@ -403,13 +405,13 @@ def test_symbolic_form_with_per_element_coefficients_and_indexing(counts_data):
 
 
 def test_grouped_beta_bernoulli_binomial_poisson_are_exact(counts_data):
-    """Each q factor is the exact posterior: Beta(a + sum y_g, b + n_g - sum y_g) and
-    Gamma(2 + sum c_g, 1 + sum exposure_g)."""
+    """Each q factor is the exact posterior: Beta(a + sum y_g, b + n_g - sum y_g),
+    Gamma(2 + sum c_g, 1 + sum exposure_g) and Gamma(2 + c_i, 1 + exposure_i)."""
     group, y, n, k, exposure, counts = (np.asarray(a) for a in counts_data)
     guide = nnef.CAVIGuide(grouped_counts)
     result = nnef.CAVI(grouped_counts, guide).run(jax.random.key(0), 20, *counts_data)
     assert {n: f.family.name for n, f in guide.conjugate.families.items()} == {
-        "p": "Beta", "q": "Beta", "rate": "Gamma"}
+        "p": "Beta", "q": "Beta", "rate": "Gamma", "lam": "Gamma"}
     assert result.converged
     assert np.all(np.diff(result.elbo) >= -1e-6 * np.abs(result.elbo[1:]))
     ones = np.ones_like(y)
@@ -420,6 +422,8 @@ def test_grouped_beta_bernoulli_binomial_poisson_are_exact(counts_data):
     np.testing.assert_allclose(result.params["rate_eta"], np.stack(
         [1 + np.bincount(group, counts, 3), -1 - np.bincount(group, exposure, 3)], -1),
         rtol=1e-5)
+    np.testing.assert_allclose(result.params["lam_eta"], np.stack(
+        [1 + counts, -1 - exposure], -1), rtol=1e-5)
     check = result.check_elbo(jax.random.key(1), 2000)
     assert check.passed(), str(check)
 
