@@ -447,6 +447,9 @@ LINEAR_BY_BASIS = {
     "slice", "gather", "dynamic_slice", "pad", "rev", "reshape", "squeeze", "expand_dims",
     "copy", "copy_p", "cumsum", "concatenate", "dynamic_update_slice", "select_and_scatter_add",
 }
+# primitives that move the entries of their first operand (each output entry one entry or a fill)
+SELECTIONS = {"slice", "gather", "dynamic_slice", "pad", "rev", "reshape", "squeeze",
+              "expand_dims", "copy", "copy_p"}
 IDENTITY_CANDIDATES = {"clamp", "max", "min", "rem", "round", "floor", "ceil", "sign"}
 TRANSPARENT = {"convert_element_type", "stop_gradient", "optimization_barrier", "copy",
                "copy_p", "reduce_precision"}
@@ -990,6 +993,52 @@ class Interpreter:
             terms.append(Term(t.operands + tuple(extra), t.factors, out))
         return simplify(Poly(shape, terms, np.sum(p.constant, axis=axes)))
 
+    def select_entries(self, eqn, ins: list[Value], shape: tuple[int, ...]) -> Value | None:
+        """out[o] = p[src(o)] (or a constant fill where o has no source) for a primitive that
+        moves the entries of its operand p: src is read off the primitive applied to the
+        entries' numbers, and each term of p is relabelled along the axes that src copies and
+        contracted with a one-hot operand along the others (no dense matrix); None when p's
+        terms repeat an output label or p is too large to number in float32."""
+        p = ins[0]
+        size = int(np.prod(p.shape))
+        if size >= 2**24 or any(len(set(t.out)) != len(t.out) for t in p.terms):
+            return None
+        dtype = eqn.invars[0].aval.dtype
+        numbers = [(np.arange(size) + 1.0).astype(dtype).reshape(p.shape), *ins[1:]]
+        if eqn.primitive.name == "pad":
+            numbers[1] = np.zeros((), dtype)
+        moved = np.asarray(bind_constant(eqn, numbers)[0], dtype=np.float64)
+        valid = np.isfinite(moved) & (moved >= 1)  # a fill (pad, out-of-bounds gather): none
+        src = np.rint(np.where(valid, moved, 1.0)).astype(np.int64) - 1
+        src_idx = np.unravel_index(np.where(valid, src, 0), p.shape) if p.shape else ()
+        grids = np.indices(shape) if shape else np.zeros((0,))
+        copied: dict[int, int] = {}  # operand axis -> the output axis whose index it equals
+        for i, idx in enumerate(src_idx):
+            for j in range(len(shape)):
+                if shape[j] == p.shape[i] and np.array_equal(idx[valid], grids[j][valid]):
+                    copied[i] = j
+                    break
+        picked = [i for i in range(len(p.shape)) if i not in copied]
+        varying = [np.asarray(a) for a in [src_idx[i] for i in picked]] + (
+            [valid] if not valid.all() else [])
+        deps = [j for j in range(len(shape)) if any(
+            not np.all(a == np.take(a, [0], axis=j)) for a in varying)]
+        out = fresh(len(shape))
+        extra: tuple[tuple[np.ndarray, tuple[int, ...]], ...] = ()
+        if varying:
+            rep = tuple(slice(None) if j in deps else 0 for j in range(len(shape)))
+            one_hot = np.zeros([shape[j] for j in deps] + [p.shape[i] for i in picked])
+            at = tuple(np.indices(one_hot.shape[:len(deps)]))
+            one_hot[at + tuple(np.asarray(src_idx[i])[rep] for i in picked)] = valid[rep]
+            extra = ((one_hot, tuple(out[j] for j in deps)),)
+        terms = []
+        for t in p.terms:
+            moved = t.relabel({t.out[i]: out[j] for i, j in copied.items()})
+            ops = tuple((a, lab + tuple(t.out[i] for i in picked)) for a, lab in extra)
+            terms.append(Term(moved.operands + ops, moved.factors, out))
+        constant = bind_constant(eqn, [np.asarray(p.constant), *ins[1:]])[0]
+        return simplify(Poly(shape, terms, np.asarray(constant, dtype=np.float64)))
+
     def linear_by_basis(self, eqn, ins: list[Value], shape: tuple[int, ...]) -> Value:
         """A primitive linear in its one site-dependent operand: its matrix, found by applying it
         to every basis vector of that operand (other operands held at their constants)."""
@@ -1001,6 +1050,10 @@ class Interpreter:
             raise self.error(sites, f"primitive {eqn.primitive.name!r} mixes them")
         (k,) = positions
         p = ins[k]
+        if eqn.primitive.name in SELECTIONS and k == 0:
+            moved = self.select_entries(eqn, ins, shape)
+            if moved is not None:
+                return moved
         consts = [np.zeros(x.shape) if isinstance(x, Poly) else np.asarray(x) for x in ins]
 
         def apply(v):
@@ -1130,7 +1183,6 @@ class Interpreter:
         atom = Atom(f"{what}({inner.name})", lambda x, inner=inner, fn=fn: fn(inner(x)))
         term = Term((), (Factor(site, Stat.of(atom), labels),), out)
         return Poly(p.shape, [term], np.zeros(p.shape))
-
 
     def routed_function(self, p: Poly, site: str, fn: Callable[[Array], Array], what: str
                         ) -> Value:
