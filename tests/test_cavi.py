@@ -404,6 +404,29 @@ def test_symbolic_form_with_per_element_coefficients_and_indexing(counts_data):
         np.testing.assert_allclose(float(poly.at(point)), float(ld(point)), rtol=1e-5)
 
 
+def test_symbolic_form_of_moved_entries():
+    """pad, rev, reshape, slices and a gather with out-of-bounds fills of sites, and a log of
+    an expression whose entries are a site's elements or constants, equal the log density."""
+    def model():
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([6]).to_event(1))
+        b = numpyro.sample("b", dist.Beta(2.0, 2.0).expand([3]).to_event(1))
+        v = jnp.pad(w, (1, 2))[::-1].reshape(3, 3)[:, 1:]
+        picked = jnp.take(w, jnp.array([0, 5, 7]), mode="fill", fill_value=0.5)
+        numpyro.factor("moved", jnp.sum(v * jnp.arange(6.0).reshape(3, 2)) - picked @ picked)
+        numpyro.factor("log", jnp.arange(1.0, 6.0) @ jnp.log(jnp.pad(b, 1, constant_values=2.0)))
+
+    rng = np.random.default_rng(0)
+    draws = {"w": rng.normal(size=(8, 6)), "b": rng.uniform(size=(8, 3))}
+
+    def ld(d):
+        return log_density(model, (), {}, d)[0]
+
+    poly = trace_log_density(lambda data, d: ld(d), {k: v[0] for k, v in draws.items()}, draws)
+    for k in range(1, 4):
+        point = {n: jnp.asarray(v[k]) for n, v in draws.items()}
+        np.testing.assert_allclose(float(poly.at(point)), float(ld(point)), rtol=1e-5)
+
+
 def test_grouped_beta_bernoulli_binomial_poisson_are_exact(counts_data):
     """Each q factor is the exact posterior: Beta(a + sum y_g, b + n_g - sum y_g),
     Gamma(2 + sum c_g, 1 + sum exposure_g) and Gamma(2 + c_i, 1 + exposure_i)."""
