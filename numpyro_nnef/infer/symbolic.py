@@ -855,33 +855,14 @@ class Interpreter:
         """stat(p) for p a routing of the site's elements (each entry of p equals one element
         of the site, coefficient 1): the same routing applied to stat(x)."""
         site_shape = self.draws[site].shape[1:]
-        size = max(int(np.prod(site_shape)), 1)
-        basis = np.eye(size).reshape((size, *site_shape))
-        if np.any(p.constant) or p.sites() != {site}:
+        reads = None
+        if not np.any(p.constant) and all(
+                len(t.factors) == 1 and t.factors[0].stat.power_of_x == 1 for t in p.terms):
+            reads = element_reads(p, site, site_shape)
+        if reads is None or p.sites() != {site} or not np.all(reads[0] == 1):
             raise self.error({site}, "it is used as an index after arithmetic")
-        linear = Poly(p.shape, p.terms, np.zeros(p.shape))
-        R = batched_values(linear, {site: np.asarray(basis)})  # (size, *p.shape)
-        R = R.reshape(size, -1)
-        if not (np.all((R == 0) | (R == 1)) and np.all(R.sum(axis=0) == 1)):
-            raise self.error({site}, "it is used as an index after arithmetic")
-        element = np.unravel_index(R.argmax(axis=0).reshape(p.shape), site_shape) if (
-            site_shape) else ()
-        out = fresh(len(p.shape))
-        labels = []
-        for idx in element:  # each site axis equal to one output axis: plain relabelling
-            match = [b for b in range(len(p.shape)) if np.array_equal(
-                idx, np.broadcast_to(np.arange(p.shape[b]).reshape(
-                    [-1 if i == b else 1 for i in range(len(p.shape))]), p.shape))]
-            if not match:
-                break
-            labels.append(out[match[0]])
-        if len(labels) == len(site_shape):
-            term = Term((), (Factor(site, stat, tuple(labels)),), out)
-        else:
-            site_labels = fresh(len(site_shape))
-            routing = R.reshape((*site_shape, *p.shape))
-            term = Term(((routing, site_labels + out),), (Factor(site, stat, site_labels),), out)
-        return Poly(p.shape, [term], np.zeros(p.shape))
+        out, labels, ops = entry_routing(reads[1], np.ones(p.shape, bool), p.shape, site_shape)
+        return Poly(p.shape, [Term(ops, (Factor(site, stat, labels),), out)], np.zeros(p.shape))
 
     # -------------------------------------------------------------- arithmetic
     def p_add(self, ins, params, shape):
@@ -996,9 +977,9 @@ class Interpreter:
     def select_entries(self, eqn, ins: list[Value], shape: tuple[int, ...]) -> Value | None:
         """out[o] = p[src(o)] (or a constant fill where o has no source) for a primitive that
         moves the entries of its operand p: src is read off the primitive applied to the
-        entries' numbers, and each term of p is relabelled along the axes that src copies and
-        contracted with a one-hot operand along the others (no dense matrix); None when p's
-        terms repeat an output label or p is too large to number in float32."""
+        entries' numbers, and each term of p is read through ``entry_routing`` (no dense
+        matrix); None when p's terms repeat an output label or p is too large to number in
+        float32."""
         p = ins[0]
         size = int(np.prod(p.shape))
         if size >= 2**24 or any(len(set(t.out)) != len(t.out) for t in p.terms):
@@ -1010,31 +991,10 @@ class Interpreter:
         moved = np.asarray(bind_constant(eqn, numbers)[0], dtype=np.float64)
         valid = np.isfinite(moved) & (moved >= 1)  # a fill (pad, out-of-bounds gather): none
         src = np.rint(np.where(valid, moved, 1.0)).astype(np.int64) - 1
-        src_idx = np.unravel_index(np.where(valid, src, 0), p.shape) if p.shape else ()
-        grids = np.indices(shape) if shape else np.zeros((0,))
-        copied: dict[int, int] = {}  # operand axis -> the output axis whose index it equals
-        for i, idx in enumerate(src_idx):
-            for j in range(len(shape)):
-                if shape[j] == p.shape[i] and np.array_equal(idx[valid], grids[j][valid]):
-                    copied[i] = j
-                    break
-        picked = [i for i in range(len(p.shape)) if i not in copied]
-        varying = [np.asarray(a) for a in [src_idx[i] for i in picked]] + (
-            [valid] if not valid.all() else [])
-        deps = [j for j in range(len(shape)) if any(
-            not np.all(a == np.take(a, [0], axis=j)) for a in varying)]
-        out = fresh(len(shape))
-        extra: tuple[tuple[np.ndarray, tuple[int, ...]], ...] = ()
-        if varying:
-            rep = tuple(slice(None) if j in deps else 0 for j in range(len(shape)))
-            one_hot = np.zeros([shape[j] for j in deps] + [p.shape[i] for i in picked])
-            at = tuple(np.indices(one_hot.shape[:len(deps)]))
-            one_hot[at + tuple(np.asarray(src_idx[i])[rep] for i in picked)] = valid[rep]
-            extra = ((one_hot, tuple(out[j] for j in deps)),)
+        out, labels, ops = entry_routing(src, valid, shape, p.shape)
         terms = []
         for t in p.terms:
-            moved = t.relabel({t.out[i]: out[j] for i, j in copied.items()})
-            ops = tuple((a, lab + tuple(t.out[i] for i in picked)) for a, lab in extra)
+            moved = t.relabel(dict(zip(t.out, labels, strict=True)))
             terms.append(Term(moved.operands + ops, moved.factors, out))
         constant = bind_constant(eqn, [np.asarray(p.constant), *ins[1:]])[0]
         return simplify(Poly(shape, terms, np.asarray(constant, dtype=np.float64)))
@@ -1131,9 +1091,10 @@ class Interpreter:
             return simplify(Poly(p.shape, [Term(((c, out),), new, out)], np.zeros(p.shape)))
         route = routed(p)
         if route is not None:
-            coef, routing, f = route
+            coef, src, f, f_shape = route
             if exponent.denominator == 1 or np.all(coef > 0):
-                return routed_poly(p, routing, f, f.stat ** exponent, coef ** float(exponent))
+                return routed_poly(p, src, f_shape, f, f.stat ** exponent,
+                                   coef ** float(exponent))
         fn = (lambda v: v ** float(exponent))
         return self.nonlinear(p, fn, f"{what}^{exponent}")
 
@@ -1154,10 +1115,11 @@ class Interpreter:
                 return add(poly, np.log(coef), p.shape)
         route = routed(p)
         if route is not None and np.all(route[0] > 0):
-            coef, routing, f = route
+            coef, src, f, f_shape = route
             total: Value = np.log(coef)
             for atom, q in f.stat.atoms:  # log(c s) = log c + sum_a q_a log(atom_a)
-                part = routed_poly(p, routing, f, Stat.of(log_of(atom)), np.full(p.shape, float(q)))
+                part = routed_poly(p, src, f_shape, f, Stat.of(log_of(atom)),
+                                   np.full(p.shape, float(q)))
                 total = add(total, part, p.shape)
             return total
         return self.nonlinear(p, jnp.log, "log")
@@ -1194,9 +1156,8 @@ class Interpreter:
         if found is None:
             raise self.error({site}, f"{what} is applied to an expression whose coefficients "
                                      "differ between the site's elements")
-        stats, routing, classes, coefs = found
-        site_labels = fresh(routing.ndim - len(p.shape))
-        out = fresh(len(p.shape))
+        stats, src, classes, coefs = found
+        site_shape = self.draws[site].shape[1:]
         constant = np.zeros(p.shape)
         terms = []
         for c, row in enumerate(coefs):
@@ -1206,9 +1167,8 @@ class Interpreter:
                 constant = np.where(mask, np.asarray(fn(jnp.asarray(row[-1]))), constant)
                 continue
             atom = Atom(f"{what}({inner.name})", lambda x, inner=inner, fn=fn: fn(inner(x)))
-            routing_c = routing * mask.reshape(mask.shape + (1,) * len(site_labels))
-            terms.append(Term(((routing_c, out + site_labels),),
-                              (Factor(site, Stat.of(atom), site_labels),), out))
+            out, labels, ops = entry_routing(src, mask, p.shape, site_shape)
+            terms.append(Term(ops, (Factor(site, Stat.of(atom), labels),), out))
         return simplify(Poly(p.shape, terms, constant))
 
 
@@ -1217,39 +1177,34 @@ MAX_CLASSES = 16  # distinct coefficient vectors under one nonlinearity (one sta
 
 def element_classes(p: Poly, site: str, site_shape: tuple[int, ...]
                     ) -> tuple[list[Stat], np.ndarray, np.ndarray, np.ndarray] | None:
-    """(statistics s, 0/1 routing (p.shape + site_shape), class of each entry (p.shape), one row
-    (a_s..., b) per class) with p[o] = sum_s a_s[o] s(x)[e(o)] + b[o] and (a[o], b[o]) the row
-    of o's class, when every entry reads at most one element through elementwise statistics
-    and there are at most MAX_CLASSES rows; else None."""
-    size = max(int(np.prod(site_shape)), 1)
-    basis = np.eye(size).reshape((size, *site_shape))
-    stats: list[Stat] = []
-    responses: list[np.ndarray] = []  # per statistic: (size, entries)
+    """(statistics s, element read by each entry (flat; -1 for none), class of each entry
+    (p.shape), one row (a_s..., b) per class) with p[o] = sum_s a_s[o] s(x)[e(o)] + b[o] and
+    (a[o], b[o]) the row of o's class, when every entry reads at most one element through
+    elementwise statistics and there are at most MAX_CLASSES rows; else None."""
+    groups: dict[Stat, list[Term]] = {}
     for t in p.terms:
         if len(t.factors) != 1 or t.factors[0].site != site or not all(
                 a.elementwise for a, _ in t.factors[0].stat.atoms):
             return None
-        response = batched_values(Poly(p.shape, [t], np.zeros(p.shape)), {site: basis},
-                                  apply_stats=False).reshape(size, -1)
-        stat = t.factors[0].stat
-        if stat in stats:
-            responses[stats.index(stat)] = responses[stats.index(stat)] + response
-        else:
-            stats.append(stat)
-            responses.append(response)
-    if not stats:
+        groups.setdefault(t.factors[0].stat, []).append(t)
+    if not groups:
         return None
-    nonzero = np.stack(responses) != 0  # (stats, size, entries)
-    reads = nonzero.any(axis=0)  # (size, entries)
-    if np.any(reads.sum(axis=0) > 1):
-        return None
-    coefs = np.stack([r.sum(axis=0) for r in responses]
-                     + [np.broadcast_to(p.constant, p.shape).ravel()], axis=1)
-    rows, classes = np.unique(coefs, axis=0, return_inverse=True)
+    src = np.full(p.shape, -1)
+    coefs = []
+    for terms in groups.values():
+        reads = element_reads(Poly(p.shape, terms, np.zeros(p.shape)), site, site_shape)
+        if reads is None:
+            return None
+        coef, element = reads
+        if np.any((element >= 0) & (src >= 0) & (element != src)):
+            return None  # two statistics of different elements
+        src = np.where(element >= 0, element, src)
+        coefs.append(coef.ravel())
+    coefs.append(np.broadcast_to(p.constant, p.shape).ravel())
+    rows, classes = np.unique(np.stack(coefs, axis=1), axis=0, return_inverse=True)
     if len(rows) > MAX_CLASSES:
         return None
-    routing = np.moveaxis(reads.astype(np.float64), 0, -1).reshape((*p.shape, *site_shape))
-    return stats, routing, classes.reshape(p.shape), rows
+    return list(groups), src, classes.reshape(p.shape), rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1364,36 +1319,90 @@ def monomial(p: Poly) -> tuple[np.ndarray, tuple[Factor, ...], tuple[int, ...]] 
     return np.asarray(coef), t.factors, t.out
 
 
-def routed(p: Poly) -> tuple[np.ndarray, np.ndarray, Factor] | None:
-    """(coef over p.shape, 0/1 routing (p.shape + site shape), factor) when p is one term in
-    one factor in which every entry picks exactly one element: p[o] = coef[o] s(x)[e(o)]."""
+def routed(p: Poly) -> tuple[np.ndarray, np.ndarray, Factor, tuple[int, ...]] | None:
+    """(coef over p.shape, element read by each entry (flat), factor, its value's shape) when p
+    is one term in one factor in which every entry picks exactly one element:
+    p[o] = coef[o] s(x)[e(o)]."""
     if len(p.terms) != 1 or np.any(p.constant) or len(p.terms[0].factors) != 1:
         return None
     t = p.terms[0]
-    f = t.factors[0]
-    sizes = {}
+    (f,) = t.factors
+    sizes = dict(zip(t.out, p.shape, strict=True))
     for a, lab in t.operands:
         sizes.update(zip(lab, np.shape(a), strict=True))
     if not all(i in sizes for i in f.labels):
         return None
     shape = tuple(sizes[i] for i in f.labels)
-    size = max(int(np.prod(shape)), 1)
-    basis = np.eye(size).reshape((size, *shape))
-    response = batched_values(Poly(p.shape, [t], np.zeros(p.shape)), {f.site: basis},
-                              apply_stats=False).reshape(size, -1)
-    nonzero = response != 0
-    if not np.all(nonzero.sum(axis=0) == 1):
+    reads = element_reads(p, f.site, shape)
+    if reads is None or not np.all(reads[0] != 0):
         return None
-    coef = response.sum(axis=0).reshape(p.shape)
-    routing = np.moveaxis(nonzero.astype(np.float64), 0, -1).reshape((*p.shape, *shape))
-    return coef, routing, f
+    return reads[0], reads[1], f, shape
 
 
-def routed_poly(p: Poly, routing: np.ndarray, f: Factor, stat: Stat, coef: np.ndarray) -> Poly:
-    """coef[o] * stat(x)[e(o)] as a term."""
-    out, labels = fresh(len(p.shape)), fresh(routing.ndim - len(p.shape))
-    ops = ((routing, out + labels), (coef, out))
-    return Poly(p.shape, [Term(ops, (Factor(f.site, stat, labels),), out)], np.zeros(p.shape))
+def routed_poly(p: Poly, src: np.ndarray, shape: tuple[int, ...], f: Factor, stat: Stat,
+                coef: np.ndarray) -> Poly:
+    """coef[o] * stat(x)[src(o)] as a term (``shape``: the shape of stat's value)."""
+    out, labels, ops = entry_routing(src, np.ones(p.shape, bool), p.shape, shape)
+    term = Term(ops + ((coef, out),), (Factor(f.site, stat, labels),), out)
+    return Poly(p.shape, [term], np.zeros(p.shape))
+
+
+def element_reads(p: Poly, site: str, shape: tuple[int, ...]
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(coef, src) over p.shape with p[o] - p.constant[o] = coef[o] v[src(o)] for every value v
+    (of ``shape``) of the terms' factors of ``site`` (src -1 where coef is 0), when every entry
+    reads at most one element; else None. Read off at ones and at the elements' numbers, checked
+    at random values (a row reading two elements fails the check almost surely)."""
+    size = max(int(np.prod(shape)), 1)
+    rng = np.random.default_rng(0)
+    probes = np.stack([np.ones(size), np.arange(1.0, size + 1), rng.uniform(1.0, 2.0, size)])
+    linear = Poly(p.shape, p.terms, np.zeros(p.shape))
+    ones, numbers, at_random = batched_values(linear, {site: probes.reshape((3, *shape))},
+                                              apply_stats=False)
+    reads = ones != 0
+    src = np.rint(np.divide(numbers, ones, out=np.zeros(p.shape), where=reads)).astype(
+        np.int64) - 1
+    if np.any(reads & ((src < 0) | (src >= size))):
+        return None
+    src = np.where(reads, src, -1)
+    expected = np.where(reads, ones * probes[2][np.clip(src, 0, None)], 0.0)
+    if not np.allclose(at_random, expected, rtol=1e-9, atol=1e-12 * (1 + np.abs(ones).max(
+            initial=0.0))):
+        return None
+    return ones, src
+
+
+def entry_routing(src: np.ndarray, valid: np.ndarray, shape: tuple[int, ...],
+                  source_shape: tuple[int, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[np.ndarray,
+                                                                        tuple[int, ...]], ...]]:
+    """Einsum labels for out[o] = source[src(o)] (flat index; 0 where not ``valid``): (out
+    labels, source labels, operands). A source axis whose index equals an output axis's index
+    takes that axis's label; the others get fresh labels and one one-hot operand over them and
+    the output axes along which they (or ``valid``) vary."""
+    out = fresh(len(shape))
+    labels = list(fresh(len(source_shape)))
+    src_idx = np.unravel_index(np.where(valid, src, 0), source_shape) if source_shape else ()
+    grids = np.indices(shape)
+    picked = []
+    for i, idx in enumerate(src_idx):
+        match = [j for j in range(len(shape)) if shape[j] == source_shape[i]
+                 and np.array_equal(idx[valid], grids[j][valid])]
+        if match:
+            labels[i] = out[match[0]]
+        else:
+            picked.append(i)
+    varying = [np.asarray(src_idx[i]) for i in picked] + ([valid] if not valid.all() else [])
+    if not varying:
+        return out, tuple(labels), ()
+    deps = [j for j in range(len(shape))
+            if any(not np.all(a == np.take(a, [0], axis=j)) for a in varying)]
+    rep = tuple(slice(None) if j in deps else 0 for j in range(len(shape)))
+    one_hot = np.zeros([shape[j] for j in deps] + [source_shape[i] for i in picked])
+    at = tuple(np.indices(one_hot.shape[:len(deps)]))
+    one_hot[at + tuple(np.asarray(src_idx[i])[rep] for i in picked)] = valid[rep]
+    operand = (one_hot, tuple(out[j] for j in deps) + tuple(labels[i] for i in picked))
+    return out, tuple(labels), (operand,)
 
 
 def single_site_function(p: Poly, site: str):
