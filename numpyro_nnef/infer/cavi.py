@@ -64,12 +64,14 @@ class ELBOCheck(NamedTuple):
             0.0 if self.engine == self.monte_carlo else float("inf"))
 
     def passed(self, num_mcse: float = 4.0) -> bool:
-        """Whether the engine's ELBO is within ``num_mcse`` Monte Carlo standard errors."""
+        """Whether the engine's ELBO is within ``num_mcse`` Monte Carlo standard errors (with
+        the rounding allowance)."""
         return bool(abs(self.z) <= num_mcse)
 
     def __str__(self) -> str:
         return (f"engine ELBO {self.engine:.6g}, Monte Carlo {self.monte_carlo:.6g} +- "
-                f"{self.mcse:.2g} ({self.num_samples} draws of q; {self.z:+.2f} MCSE)")
+                f"{self.mcse:.2g} (rounding {self.rounding:.2g}; {self.num_samples} draws of q; "
+                f"{self.z:+.2f} MCSE)")
 
 
 def monte_carlo_elbo(model: Callable, guide: CAVIGuide, params: Mapping[str, Array],
