@@ -978,13 +978,14 @@ class Interpreter:
         """out[o] = p[src(o)] (or a constant fill where o has no source) for a primitive that
         moves the entries of its operand p: src is read off the primitive applied to the
         entries' numbers, and each term of p is read through ``entry_routing`` (no dense
-        matrix); None when p's terms repeat an output label or p is too large to number in
-        float32."""
+        matrix); None when p's terms repeat an output label or p has more entries than its
+        dtype numbers exactly."""
         p = ins[0]
         size = int(np.prod(p.shape))
-        if size >= 2**24 or any(len(set(t.out)) != len(t.out) for t in p.terms):
+        dtype = np.dtype(eqn.invars[0].aval.dtype)
+        exact = 2 ** (np.finfo(dtype).nmant + 1) if dtype.kind == "f" else np.iinfo(dtype).max
+        if size >= exact or any(len(set(t.out)) != len(t.out) for t in p.terms):
             return None
-        dtype = eqn.invars[0].aval.dtype
         numbers = [(np.arange(size) + 1.0).astype(dtype).reshape(p.shape), *ins[1:]]
         if eqn.primitive.name == "pad":
             numbers[1] = np.zeros((), dtype)
@@ -994,8 +995,8 @@ class Interpreter:
         out, labels, ops = entry_routing(src, valid, shape, p.shape)
         terms = []
         for t in p.terms:
-            moved = t.relabel(dict(zip(t.out, labels, strict=True)))
-            terms.append(Term(moved.operands + ops, moved.factors, out))
+            read = t.relabel(dict(zip(t.out, labels, strict=True)))
+            terms.append(Term(read.operands + ops, read.factors, out))
         constant = bind_constant(eqn, [np.asarray(p.constant), *ins[1:]])[0]
         return simplify(Poly(shape, terms, np.asarray(constant, dtype=np.float64)))
 
