@@ -43,32 +43,37 @@ class CAVIState(NamedTuple):
     ok: dict[str, Array]
 
 
+ROUNDING_ULPS = 100  # rounding of the ELBO's sums, in units of its dtype's eps times |ELBO|
+
+
 class ELBOCheck(NamedTuple):
     """The engine's ELBO next to a Monte Carlo estimate E_q[log p(x) - log q(x)] from q's own
-    draws, with its Monte Carlo standard error; ``z`` = (engine - estimate) / mcse."""
+    draws, with its Monte Carlo standard error; ``z`` = (engine - estimate) / sqrt(mcse^2 +
+    rounding^2), ``rounding`` the rounding error of the ELBO's sums in their dtype (where q is
+    the exact posterior, log p - log q is constant and the mcse is only rounding noise)."""
 
     engine: float
     monte_carlo: float
     mcse: float
     num_samples: int
+    rounding: float = 0.0
 
     @property
     def z(self) -> float:
-        return (self.engine - self.monte_carlo) / self.mcse if self.mcse > 0 else (
+        scale = float(np.hypot(self.mcse, self.rounding))
+        return (self.engine - self.monte_carlo) / scale if scale > 0 else (
             0.0 if self.engine == self.monte_carlo else float("inf"))
 
     def passed(self, num_mcse: float = 4.0) -> bool:
-        """Whether the engine's ELBO is within ``num_mcse`` Monte Carlo standard errors (plus
-        float64 rounding of the sums: where q is the exact posterior, log p - log q is the same
-        on every draw and the MCSE is zero)."""
-        rounding = 1e-9 * max(1.0, abs(self.engine))
-        return bool(abs(self.engine - self.monte_carlo) <= num_mcse * self.mcse + rounding)
+        """Whether the engine's ELBO is within ``num_mcse`` Monte Carlo standard errors (with
+        the rounding allowance)."""
+        return bool(abs(self.z) <= num_mcse)
 
     def __str__(self) -> str:
         verdict = "passed" if self.passed() else "FAILED"
         return (f"engine ELBO {self.engine:.6g}, Monte Carlo {self.monte_carlo:.6g} +- "
-                f"{self.mcse:.2g} ({self.num_samples} draws of q; {self.z:+.2f} MCSE): "
-                f"{verdict}")
+                f"{self.mcse:.2g} (rounding {self.rounding:.2g}; {self.num_samples} draws of q; "
+                f"{self.z:+.2f} MCSE): {verdict}")
 
 
 def monte_carlo_elbo(model: Callable, guide: CAVIGuide, params: Mapping[str, Array],
@@ -89,7 +94,7 @@ def monte_carlo_elbo(model: Callable, guide: CAVIGuide, params: Mapping[str, Arr
             values[n])) for n in cm.sites)
         return log_p - log_q
 
-    ratios = np.asarray(jax.jit(jax.vmap(log_ratio))(draws), dtype=np.float64)  # one program
+    ratios = np.asarray(jax.jit(jax.vmap(log_ratio))(draws), dtype=np.float64)
     if not np.all(np.isfinite(ratios)):
         bad = int((~np.isfinite(ratios)).sum())
         raise FloatingPointError(f"log p - log q is not finite on {bad} of {num_samples} draws "
@@ -122,7 +127,10 @@ class CAVIResult:
                                "CAVI.run returned")
         estimate, mcse = monte_carlo_elbo(self.model, self.guide, self.params, rng_key,
                                           num_samples, *self.args, **self.kwargs)
-        return ELBOCheck(float(self.elbo[-1]), estimate, mcse, num_samples)
+        engine = float(self.elbo[-1])
+        eps = float(np.finfo(np.asarray(self.state.elbo).dtype).eps)
+        rounding = ROUNDING_ULPS * eps * max(1.0, abs(engine))
+        return ELBOCheck(engine, estimate, mcse, num_samples, rounding)
 
     def _guide(self) -> CAVIGuide:
         if self.guide is None:

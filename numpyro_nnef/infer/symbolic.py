@@ -413,9 +413,12 @@ class Switch:
         return total
 
 
+# operations whose every output entry is one input entry
+REARRANGEMENTS = {"squeeze", "reshape", "expand_dims", "broadcast_in_dim", "transpose"}
 CASEWISE = {"add", "sub", "mul", "div", "neg", "integer_pow", "square", "sqrt", "rsqrt", "pow",
             "log", "log1p", "abs", "exp", "convert_element_type", "stop_gradient", "lgamma",
-            "digamma", "expm1", "logistic", "tanh"}
+            "digamma", "expm1", "logistic", "tanh", "max", "min", "clamp", "select_n",
+            "eq", "ne", "lt", "le", "gt", "ge", "is_finite", "and", "or", "not", "xor"}
 
 
 def simplify(p: Poly) -> Value:
@@ -526,6 +529,9 @@ LINEAR_BY_BASIS = {
     "slice", "gather", "dynamic_slice", "pad", "rev", "reshape", "squeeze", "expand_dims",
     "copy", "copy_p", "cumsum", "concatenate", "dynamic_update_slice", "select_and_scatter_add",
 }
+# primitives that move the entries of their first operand (each output entry one entry or a fill)
+SELECTIONS = {"slice", "gather", "dynamic_slice", "pad", "rev", "reshape", "squeeze",
+              "expand_dims", "copy", "copy_p"}
 IDENTITY_CANDIDATES = {"clamp", "max", "min", "rem", "round", "floor", "ceil", "sign"}
 TRANSPARENT = {"convert_element_type", "stop_gradient", "optimization_barrier", "copy",
                "copy_p", "reduce_precision"}
@@ -702,12 +708,32 @@ class Interpreter:
         if isinstance(v, SampledBool):
             return v.draws
         if isinstance(v, Switch):
-            v = v.expand()
+            v = self.expand(v)
         if not isinstance(v, Poly):
             return np.broadcast_to(np.asarray(v), (num, *np.shape(v)))
         if id(v) not in self._sampled:  # support checks often test one value several times
             self._sampled[id(v)] = (v, batched_values(v, self.draws))
         return self._sampled[id(v)][1]
+
+    def rearrange_switch(self, eqn, sw: Switch) -> Switch:
+        """A rearrangement R (each output entry one input entry) of sum_k 1_k c_k:
+        sum_k R(1_k) R(c_k)."""
+        shape = tuple(eqn.outvars[0].aval.shape)
+        indicators = {k: self.apply(eqn, [ind])[0] for k, ind in sw.indicators.items()}
+        cases = {k: self.apply(eqn, [c])[0] for k, c in sw.cases.items()}
+        (site,) = next(iter(indicators.values())).sites()
+        key = (site, tuple(describe_routing(indicators[k]) for k in indicators))
+        return Switch(shape, self.indicator_cache.setdefault(key, indicators), cases)
+
+    def expand(self, sw: Switch) -> Value:
+        """The switch as one value; a switch of site-dependent booleans (a comparison made
+        casewise) as the booleans of the case that each draw's indicators pick."""
+        if not any(isinstance(c, SampledBool) for c in sw.cases.values()):
+            return sw.expand()
+        total = 0
+        for k, case in sw.cases.items():
+            total = total + self.sampled(sw.indicators[k]) * self.sampled(case)
+        return SampledBool(np.asarray(total) != 0)
 
     def error(self, sites: set[str], what: str, term: str = "") -> NonConjugateError:
         """The error for site(s) ``sites``: ``what`` went wrong; ``term`` (when the cause is one
@@ -760,7 +786,9 @@ class Interpreter:
                 cases = {k: self.apply(eqn, [x.cases[k] if isinstance(x, Switch) else x
                                              for x in ins])[0] for k in first.cases}
                 return [Switch(first.shape, first.indicators, cases)]
-            ins = [x.expand() if isinstance(x, Switch) else x for x in ins]
+            if name in REARRANGEMENTS and len(ins) == 1:
+                return [self.rearrange_switch(eqn, switches[0])]
+            ins = [self.expand(x) if isinstance(x, Switch) else x for x in ins]
             if not any(isinstance(x, (Poly, SampledBool)) for x in ins):
                 return self.apply(eqn, ins)
         if name in CALLS:
@@ -778,8 +806,9 @@ class Interpreter:
         decided = self.decided_on_draws(eqn, ins)
         if decided is not None:
             return [decided]
-        if name == "gather" and isinstance(ins[1], Poly):
-            return [self.gather_by_site(eqn, ins, shape)]
+        if (name == "gather" and isinstance(ins[1], Poly)) or (
+                name == "dynamic_slice" and any(isinstance(x, Poly) for x in ins[1:])):
+            return [self.index_by_site(eqn, ins, shape)]
         if name in LINEAR_BY_BASIS:
             return [self.linear_by_basis(eqn, ins, shape)]
         polys = [x for x in ins if isinstance(x, Poly)]
@@ -853,39 +882,59 @@ class Interpreter:
             return p
         return out[0] if np.all(out == out[:1]) else None
 
-    def gather_by_site(self, eqn, ins: list[Value], shape: tuple[int, ...]) -> Value:
-        """operand[z] with z a site with finite support: sum_k 1{z = k} operand[k]; the
-        indicators are statistics of z (one-hot), operand[k] a constant-index gather."""
-        operand, indices = ins[0], ins[1]
-        sites = indices.sites()
+    def index_by_site(self, eqn, ins: list[Value], shape: tuple[int, ...]) -> Value:
+        """operand[z] (gather or dynamic_slice) with z a site with finite support:
+        sum_k 1{z = k} operand[k]; the indicators are statistics of z (one-hot) broadcast over
+        the slice's axes, operand[k] a constant-index gather or slice."""
+        operand = ins[0]
+        if eqn.primitive.name == "gather":
+            indices = ins[1]
+            sites = indices.sites()
+            sampled = self.sampled(indices)  # (M, ..., index vector)
+            varying = np.any(sampled != sampled[:1], axis=tuple(range(sampled.ndim - 1)))
+            offset = eqn.params["dimension_numbers"].offset_dims
+            batch_dims = tuple(d for d in range(len(shape)) if d not in offset)
+            if varying.sum() != 1 or len(batch_dims) != len(indices.shape) - 1 or any(
+                    shape[d] != n for d, n in zip(batch_dims, indices.shape[:-1], strict=True)):
+                raise self.error(sites, "they index an array in a way CAVI does not support")
+            (j,) = np.flatnonzero(varying)
+            base = sampled[0]
+            select = np.zeros((*indices.shape[:-1], *indices.shape))
+            flat = np.arange(int(np.prod(indices.shape[:-1])))
+            select.reshape(len(flat), -1)[flat, flat * indices.shape[-1] + j] = 1.0
+            component = simplify(linear_map(indices, select, tuple(indices.shape[:-1])))
+
+            def fixed(k: int) -> list[Value]:
+                idx = base.copy()
+                idx[..., j] = k
+                return [operand, idx.astype(eqn.invars[1].aval.dtype), *ins[2:]]
+        else:  # dynamic_slice: one scalar start index depends on the site
+            positions = [k for k in range(1, len(ins)) if isinstance(ins[k], Poly)]
+            sites = set().union(*(ins[k].sites() for k in positions))
+            if len(positions) != 1:
+                raise self.error(sites, "they index an array in a way CAVI does not support")
+            (j,) = positions
+            component, batch_dims = ins[j], ()
+
+            def fixed(k: int) -> list[Value]:
+                return [*ins[:j], np.asarray(k, dtype=eqn.invars[j].aval.dtype), *ins[j + 1:]]
         (site,) = sites if len(sites) == 1 else (None,)
         if site not in self.finite_supports:
             raise self.error(sites, "they are used as indices but are not one discrete site "
                                     "with a finite support")
-        sampled = self.sampled(indices)  # (M, ..., index vector)
-        varying = np.any(sampled != sampled[:1], axis=tuple(range(sampled.ndim - 1)))
-        if varying.sum() != 1 or tuple(indices.shape[:-1]) != shape:
-            raise self.error(sites, "they index an array in a way CAVI does not support")
-        (j,) = np.flatnonzero(varying)
-        base = sampled[0]
-        select = np.zeros((*indices.shape[:-1], *indices.shape))
-        flat = np.arange(int(np.prod(indices.shape[:-1])))
-        select.reshape(len(flat), -1)[flat, flat * indices.shape[-1] + j] = 1.0
-        component = simplify(linear_map(indices, select, tuple(indices.shape[:-1])))
         cases: dict[int, Value] = {}
         indicators: dict[int, Poly] = {}
         for k in self.finite_supports[site]:
             k = int(k)
-            idx = base.copy()
-            idx[..., j] = k
-            fixed = [operand, idx.astype(eqn.invars[1].aval.dtype), *ins[2:]]
             if isinstance(operand, Poly):
-                picked = self.linear_by_basis(eqn, fixed, shape)
+                picked = self.linear_by_basis(eqn, fixed(k), shape)
             else:
-                picked = np.asarray(eqn.primitive.bind(*[jnp.asarray(x) for x in fixed],
+                picked = np.asarray(eqn.primitive.bind(*[jnp.asarray(x) for x in fixed(k)],
                                                        **eqn.params))
-            atom = Atom(f"1{{x={k}}}", lambda v, k=k: (v == k).astype(np.float64))
-            indicators[k] = self.route(component, site, Stat.of(atom))
+            atom = Atom(f"1{{x={k}}}", lambda v, k=k: (v == k) * 1.0)
+            indicator = self.route(component, site, Stat.of(atom))
+            indicators[k] = broadcast_in_dim(indicator, shape, batch_dims) if (
+                indicator.shape != shape) else indicator
             cases[k] = picked
         key = (site, tuple(describe_routing(indicators[k]) for k in indicators))
         indicators = self.indicator_cache.setdefault(key, indicators)
@@ -895,33 +944,14 @@ class Interpreter:
         """stat(p) for p a routing of the site's elements (each entry of p equals one element
         of the site, coefficient 1): the same routing applied to stat(x)."""
         site_shape = self.draws[site].shape[1:]
-        size = max(int(np.prod(site_shape)), 1)
-        basis = np.eye(size).reshape((size, *site_shape))
-        if np.any(p.constant) or p.sites() != {site}:
+        reads = None
+        if not np.any(p.constant) and all(
+                len(t.factors) == 1 and t.factors[0].stat.power_of_x == 1 for t in p.terms):
+            reads = element_reads(p, site, site_shape)
+        if reads is None or p.sites() != {site} or not np.all(reads[0] == 1):
             raise self.error({site}, "it is used as an index after arithmetic")
-        linear = Poly(p.shape, p.terms, np.zeros(p.shape))
-        R = batched_values(linear, {site: np.asarray(basis)})  # (size, *p.shape)
-        R = R.reshape(size, -1)
-        if not (np.all((R == 0) | (R == 1)) and np.all(R.sum(axis=0) == 1)):
-            raise self.error({site}, "it is used as an index after arithmetic")
-        element = np.unravel_index(R.argmax(axis=0).reshape(p.shape), site_shape) if (
-            site_shape) else ()
-        out = fresh(len(p.shape))
-        labels = []
-        for idx in element:  # each site axis equal to one output axis: plain relabelling
-            match = [b for b in range(len(p.shape)) if np.array_equal(
-                idx, np.broadcast_to(np.arange(p.shape[b]).reshape(
-                    [-1 if i == b else 1 for i in range(len(p.shape))]), p.shape))]
-            if not match:
-                break
-            labels.append(out[match[0]])
-        if len(labels) == len(site_shape):
-            term = Term((), (Factor(site, stat, tuple(labels)),), out)
-        else:
-            site_labels = fresh(len(site_shape))
-            routing = R.reshape((*site_shape, *p.shape))
-            term = Term(((routing, site_labels + out),), (Factor(site, stat, site_labels),), out)
-        return Poly(p.shape, [term], np.zeros(p.shape))
+        out, labels, ops = entry_routing(reads[1], np.ones(p.shape, bool), p.shape, site_shape)
+        return Poly(p.shape, [Term(ops, (Factor(site, stat, labels),), out)], np.zeros(p.shape))
 
     # -------------------------------------------------------------- arithmetic
     def p_add(self, ins, params, shape):
@@ -1050,6 +1080,32 @@ class Interpreter:
             terms.append(Term(t.operands + tuple(extra), t.factors, out))
         return simplify(Poly(shape, terms, np.sum(p.constant, axis=axes)))
 
+    def select_entries(self, eqn, ins: list[Value], shape: tuple[int, ...]) -> Value | None:
+        """out[o] = p[src(o)] (or a constant fill where o has no source) for a primitive that
+        moves the entries of its operand p: src is read off the primitive applied to the
+        entries' numbers, and each term of p is read through ``entry_routing`` (no dense
+        matrix); None when p's terms repeat an output label or p has more entries than its
+        dtype numbers exactly."""
+        p = ins[0]
+        size = int(np.prod(p.shape))
+        dtype = np.dtype(eqn.invars[0].aval.dtype)
+        exact = 2 ** (np.finfo(dtype).nmant + 1) if dtype.kind == "f" else np.iinfo(dtype).max
+        if size >= exact or any(len(set(t.out)) != len(t.out) for t in p.terms):
+            return None
+        numbers = [(np.arange(size) + 1.0).astype(dtype).reshape(p.shape), *ins[1:]]
+        if eqn.primitive.name == "pad":
+            numbers[1] = np.zeros((), dtype)
+        moved = np.asarray(bind_constant(eqn, numbers)[0], dtype=np.float64)
+        valid = np.isfinite(moved) & (moved >= 1)  # a fill (pad, out-of-bounds gather): none
+        src = np.rint(np.where(valid, moved, 1.0)).astype(np.int64) - 1
+        out, labels, ops = entry_routing(src, valid, shape, p.shape)
+        terms = []
+        for t in p.terms:
+            read = t.relabel(dict(zip(t.out, labels, strict=True)))
+            terms.append(Term(read.operands + ops, read.factors, out))
+        constant = bind_constant(eqn, [np.asarray(p.constant), *ins[1:]])[0]
+        return simplify(Poly(shape, terms, np.asarray(constant, dtype=np.float64)))
+
     def linear_by_basis(self, eqn, ins: list[Value], shape: tuple[int, ...]) -> Value:
         """A primitive linear in its one site-dependent operand: its matrix, found by applying it
         to every basis vector of that operand (other operands held at their constants)."""
@@ -1061,6 +1117,10 @@ class Interpreter:
             raise self.error(sites, f"primitive {eqn.primitive.name!r} mixes them")
         (k,) = positions
         p = ins[k]
+        if eqn.primitive.name in SELECTIONS and k == 0:
+            moved = self.select_entries(eqn, ins, shape)
+            if moved is not None:
+                return moved
         consts = [np.zeros(x.shape) if isinstance(x, Poly) else np.asarray(x) for x in ins]
 
         def apply(v):
@@ -1138,9 +1198,10 @@ class Interpreter:
             return simplify(Poly(p.shape, [Term(((c, out),), new, out)], np.zeros(p.shape)))
         route = routed(p)
         if route is not None:
-            coef, routing, f = route
+            coef, src, f, f_shape = route
             if exponent.denominator == 1 or np.all(coef > 0):
-                return routed_poly(p, routing, f, f.stat ** exponent, coef ** float(exponent))
+                return routed_poly(p, src, f_shape, f, f.stat ** exponent,
+                                   coef ** float(exponent))
         fn = (lambda v: v ** float(exponent))
         return self.nonlinear(p, fn, f"{what}^{exponent}")
 
@@ -1161,10 +1222,11 @@ class Interpreter:
                 return add(poly, np.log(coef), p.shape)
         route = routed(p)
         if route is not None and np.all(route[0] > 0):
-            coef, routing, f = route
+            coef, src, f, f_shape = route
             total: Value = np.log(coef)
             for atom, q in f.stat.atoms:  # log(c s) = log c + sum_a q_a log(atom_a)
-                part = routed_poly(p, routing, f, Stat.of(log_of(atom)), np.full(p.shape, float(q)))
+                part = routed_poly(p, src, f_shape, f, Stat.of(log_of(atom)),
+                                   np.full(p.shape, float(q)))
                 total = add(total, part, p.shape)
             return total
         return self.nonlinear(p, jnp.log, "log")
@@ -1185,12 +1247,94 @@ class Interpreter:
             term = Term((), (Factor(site, Stat.of(atom), labels),), labels)
             return Poly(p.shape, [term], np.zeros(p.shape))
         if scalar is None:
-            raise self.nonlinear_error(sites, what, [p], "it combines several elements of the "
-                                       "site, or weighs them differently")
+            return self.routed_function(p, site, fn, what)
         inner, labels, out = scalar
         atom = Atom(f"{what}({inner.name})", lambda x, inner=inner, fn=fn: fn(inner(x)))
         term = Term((), (Factor(site, Stat.of(atom), labels),), out)
         return Poly(p.shape, [term], np.zeros(p.shape))
+
+    def routed_function(self, p: Poly, site: str, fn: Callable[[Array], Array], what: str
+                        ) -> Value:
+        """f(p)[o] = f_c(o)(x[e(o)]) with f_c(x) = f(sum_s a_cs s(x) + b_c), for p[o] = sum_s
+        a_s[o] s(x)[e(o)] + b[o]: each entry one element e(o), entries grouped in classes c by
+        their coefficients (a[o], b[o]); each class is one statistic f_c, routed to its
+        entries."""
+        found = element_classes(p, site, self.draws[site].shape[1:])
+        if found is None:
+            raise self.error({site}, f"{what} is applied to an expression whose coefficients "
+                                     "differ between the site's elements")
+        stats, src, classes, coefs = found
+        site_shape = self.draws[site].shape[1:]
+        constant = np.zeros(p.shape)
+        terms = []
+        for c, row in enumerate(coefs):
+            mask = classes == c
+            inner = AffineStats(tuple(zip(row[:-1], stats, strict=True)), float(row[-1]))
+            if inner.is_constant:
+                constant = np.where(mask, np.asarray(fn(jnp.asarray(row[-1]))), constant)
+                continue
+            atom = Atom(f"{what}({inner.name})", lambda x, inner=inner, fn=fn: fn(inner(x)))
+            out, labels, ops = entry_routing(src, mask, p.shape, site_shape)
+            terms.append(Term(ops, (Factor(site, Stat.of(atom), labels),), out))
+        return simplify(Poly(p.shape, terms, constant))
+
+
+MAX_CLASSES = 16  # distinct coefficient vectors under one nonlinearity (one statistic each)
+
+
+def element_classes(p: Poly, site: str, site_shape: tuple[int, ...]
+                    ) -> tuple[list[Stat], np.ndarray, np.ndarray, np.ndarray] | None:
+    """(statistics s, element read by each entry (flat; -1 for none), class of each entry
+    (p.shape), one row (a_s..., b) per class) with p[o] = sum_s a_s[o] s(x)[e(o)] + b[o] and
+    (a[o], b[o]) the row of o's class, when every entry reads at most one element through
+    elementwise statistics and there are at most MAX_CLASSES rows; else None."""
+    groups: dict[Stat, list[Term]] = {}
+    for t in p.terms:
+        if len(t.factors) != 1 or t.factors[0].site != site or not all(
+                a.elementwise for a, _ in t.factors[0].stat.atoms):
+            return None
+        groups.setdefault(t.factors[0].stat, []).append(t)
+    if not groups:
+        return None
+    src = np.full(p.shape, -1)
+    coefs = []
+    for terms in groups.values():
+        reads = element_reads(Poly(p.shape, terms, np.zeros(p.shape)), site, site_shape)
+        if reads is None:
+            return None
+        coef, element = reads
+        if np.any((element >= 0) & (src >= 0) & (element != src)):
+            return None  # two statistics of different elements
+        src = np.where(element >= 0, element, src)
+        coefs.append(coef.ravel())
+    coefs.append(np.broadcast_to(p.constant, p.shape).ravel())
+    rows, classes = np.unique(np.stack(coefs, axis=1), axis=0, return_inverse=True)
+    if len(rows) > MAX_CLASSES:
+        return None
+    return list(groups), src, classes.reshape(p.shape), rows
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineStats:
+    """x -> sum_s a_s s(x) + b for statistics s of one site's elements."""
+
+    parts: tuple[tuple[float, Stat], ...]
+    offset: float
+
+    @property
+    def is_constant(self) -> bool:
+        return all(a == 0 for a, _ in self.parts)
+
+    @property
+    def name(self) -> str:
+        parts = [(a, s) for a, s in self.parts if a != 0]
+        if len(parts) == 1 and parts[0][0] == 1 and not self.offset:
+            return parts[0][1].name  # f(1.0*s) is the atom f(s) of the other rules
+        return " + ".join(f"{float(a)!r}*{s.name}" for a, s in parts) + (
+            f" + {self.offset!r}" if self.offset else "")
+
+    def __call__(self, x: Array) -> Array:
+        return sum((a * s(x) for a, s in self.parts if a != 0), self.offset)
 
 
 def describe_routing(p: Poly) -> tuple:
@@ -1282,36 +1426,90 @@ def monomial(p: Poly) -> tuple[np.ndarray, tuple[Factor, ...], tuple[int, ...]] 
     return np.asarray(coef), t.factors, t.out
 
 
-def routed(p: Poly) -> tuple[np.ndarray, np.ndarray, Factor] | None:
-    """(coef over p.shape, 0/1 routing (p.shape + site shape), factor) when p is one term in
-    one factor in which every entry picks exactly one element: p[o] = coef[o] s(x)[e(o)]."""
+def routed(p: Poly) -> tuple[np.ndarray, np.ndarray, Factor, tuple[int, ...]] | None:
+    """(coef over p.shape, element read by each entry (flat), factor, its value's shape) when p
+    is one term in one factor in which every entry picks exactly one element:
+    p[o] = coef[o] s(x)[e(o)]."""
     if len(p.terms) != 1 or np.any(p.constant) or len(p.terms[0].factors) != 1:
         return None
     t = p.terms[0]
-    f = t.factors[0]
-    sizes = {}
+    (f,) = t.factors
+    sizes = dict(zip(t.out, p.shape, strict=True))
     for a, lab in t.operands:
         sizes.update(zip(lab, np.shape(a), strict=True))
     if not all(i in sizes for i in f.labels):
         return None
     shape = tuple(sizes[i] for i in f.labels)
-    size = max(int(np.prod(shape)), 1)
-    basis = np.eye(size).reshape((size, *shape))
-    response = batched_values(Poly(p.shape, [t], np.zeros(p.shape)), {f.site: basis},
-                              apply_stats=False).reshape(size, -1)
-    nonzero = response != 0
-    if not np.all(nonzero.sum(axis=0) == 1):
+    reads = element_reads(p, f.site, shape)
+    if reads is None or not np.all(reads[0] != 0):
         return None
-    coef = response.sum(axis=0).reshape(p.shape)
-    routing = np.moveaxis(nonzero.astype(np.float64), 0, -1).reshape((*p.shape, *shape))
-    return coef, routing, f
+    return reads[0], reads[1], f, shape
 
 
-def routed_poly(p: Poly, routing: np.ndarray, f: Factor, stat: Stat, coef: np.ndarray) -> Poly:
-    """coef[o] * stat(x)[e(o)] as a term."""
-    out, labels = fresh(len(p.shape)), fresh(routing.ndim - len(p.shape))
-    ops = ((routing, out + labels), (coef, out))
-    return Poly(p.shape, [Term(ops, (Factor(f.site, stat, labels),), out)], np.zeros(p.shape))
+def routed_poly(p: Poly, src: np.ndarray, shape: tuple[int, ...], f: Factor, stat: Stat,
+                coef: np.ndarray) -> Poly:
+    """coef[o] * stat(x)[src(o)] as a term (``shape``: the shape of stat's value)."""
+    out, labels, ops = entry_routing(src, np.ones(p.shape, bool), p.shape, shape)
+    term = Term(ops + ((coef, out),), (Factor(f.site, stat, labels),), out)
+    return Poly(p.shape, [term], np.zeros(p.shape))
+
+
+def element_reads(p: Poly, site: str, shape: tuple[int, ...]
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(coef, src) over p.shape with p[o] - p.constant[o] = coef[o] v[src(o)] for every value v
+    (of ``shape``) of the terms' factors of ``site`` (src -1 where coef is 0), when every entry
+    reads at most one element; else None. Read off at ones and at the elements' numbers, checked
+    at random values (a row reading two elements fails the check almost surely)."""
+    size = max(int(np.prod(shape)), 1)
+    rng = np.random.default_rng(0)
+    probes = np.stack([np.ones(size), np.arange(1.0, size + 1), rng.uniform(1.0, 2.0, size)])
+    linear = Poly(p.shape, p.terms, np.zeros(p.shape))
+    ones, numbers, at_random = batched_values(linear, {site: probes.reshape((3, *shape))},
+                                              apply_stats=False)
+    reads = ones != 0
+    src = np.rint(np.divide(numbers, ones, out=np.zeros(p.shape), where=reads)).astype(
+        np.int64) - 1
+    if np.any(reads & ((src < 0) | (src >= size))):
+        return None
+    src = np.where(reads, src, -1)
+    expected = np.where(reads, ones * probes[2][np.clip(src, 0, None)], 0.0)
+    if not np.allclose(at_random, expected, rtol=1e-9, atol=1e-12 * (1 + np.abs(ones).max(
+            initial=0.0))):
+        return None
+    return ones, src
+
+
+def entry_routing(src: np.ndarray, valid: np.ndarray, shape: tuple[int, ...],
+                  source_shape: tuple[int, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[np.ndarray,
+                                                                        tuple[int, ...]], ...]]:
+    """Einsum labels for out[o] = source[src(o)] (flat index; 0 where not ``valid``): (out
+    labels, source labels, operands). A source axis whose index equals an output axis's index
+    takes that axis's label; the others get fresh labels and one one-hot operand over them and
+    the output axes along which they (or ``valid``) vary."""
+    out = fresh(len(shape))
+    labels = list(fresh(len(source_shape)))
+    src_idx = np.unravel_index(np.where(valid, src, 0), source_shape) if source_shape else ()
+    grids = np.indices(shape)
+    picked = []
+    for i, idx in enumerate(src_idx):
+        match = [j for j in range(len(shape)) if shape[j] == source_shape[i]
+                 and np.array_equal(idx[valid], grids[j][valid])]
+        if match:
+            labels[i] = out[match[0]]
+        else:
+            picked.append(i)
+    varying = [np.asarray(src_idx[i]) for i in picked] + ([valid] if not valid.all() else [])
+    if not varying:
+        return out, tuple(labels), ()
+    deps = [j for j in range(len(shape))
+            if any(not np.all(a == np.take(a, [0], axis=j)) for a in varying)]
+    rep = tuple(slice(None) if j in deps else 0 for j in range(len(shape)))
+    one_hot = np.zeros([shape[j] for j in deps] + [source_shape[i] for i in picked])
+    at = tuple(np.indices(one_hot.shape[:len(deps)]))
+    one_hot[at + tuple(np.asarray(src_idx[i])[rep] for i in picked)] = valid[rep]
+    operand = (one_hot, tuple(out[j] for j in deps) + tuple(labels[i] for i in picked))
+    return out, tuple(labels), (operand,)
 
 
 def single_site_function(p: Poly, site: str):
@@ -1340,16 +1538,7 @@ def single_site_function(p: Poly, site: str):
     if c.size and not np.all(c == c.flat[0]):
         return None
     c0 = float(c.flat[0]) if c.size else 0.0
-    name = " + ".join(f"{a:g}*{s.name}" for a, s in parts) + (f" + {c0:g}" if c0 else "")
-
-    class Inner:
-        def __init__(self):
-            self.name = name
-
-        def __call__(self, x):
-            return sum((a * s(x) for a, s in parts), c0)
-
-    return Inner(), labels, p.terms[0].out
+    return AffineStats(tuple(parts), c0), labels, p.terms[0].out
 
 
 # ----------------------------------------------------------------------------- entry point
