@@ -758,14 +758,6 @@ def test_grouped_beta_bernoulli_binomial_poisson_are_exact(counts_data):
     assert check.passed(), str(check)
 
 
-def test_elbo_check_of_an_exact_posterior_passes_at_rounding():
-    """q = the posterior: log p - log q is log p(y) on every draw, its MCSE only rounding."""
-    from numpyro_nnef.infer.cavi import ELBOCheck
-
-    assert ELBOCheck(-12.807, -12.807 + 8e-14, 1.1e-16, 2000).passed()
-    assert not ELBOCheck(-12.807, -12.806, 1e-4, 2000).passed()
-
-
 def test_coordinates_of_a_non_gaussian_event_stay_scalar_elements(lasso_data):
     """Laplace(0, 1).expand([p]).to_event(1) weights: |x| is no Gaussian statistic, so each
     coordinate is an element with a GaussLaplace factor (as under a plate)."""

@@ -1261,8 +1261,8 @@ class Interpreter:
         entries."""
         found = element_classes(p, site, self.draws[site].shape[1:])
         if found is None:
-            raise self.error({site}, f"{what} is applied to an expression whose coefficients "
-                                     "differ between the site's elements")
+            raise self.nonlinear_error({site}, what, [p], "it combines several elements of the "
+                                       "site, or weighs them differently")
         stats, src, classes, coefs = found
         site_shape = self.draws[site].shape[1:]
         constant = np.zeros(p.shape)
@@ -1330,8 +1330,10 @@ class AffineStats:
         parts = [(a, s) for a, s in self.parts if a != 0]
         if len(parts) == 1 and parts[0][0] == 1 and not self.offset:
             return parts[0][1].name  # f(1.0*s) is the atom f(s) of the other rules
-        return " + ".join(f"{float(a)!r}*{s.name}" for a, s in parts) + (
-            f" + {self.offset!r}" if self.offset else "")
+        # 15 significant digits: equal coefficients reached by two routes share a name, and
+        # float noise (0.04000000000000001) does not reach it
+        return " + ".join(f"{float(a):.15g}*{s.name}" for a, s in parts) + (
+            f" + {float(self.offset):.15g}" if self.offset else "")
 
     def __call__(self, x: Array) -> Array:
         return sum((a * s(x) for a, s in self.parts if a != 0), self.offset)
