@@ -261,7 +261,8 @@ def _lda_data(rng, d=6, n=12, k=2, v=5):
 
 
 def _word_distributions(d):
-    return {"theta_phi": np.einsum("sdk,skv->sdv", d["theta"], d["phi"])}
+    theta = d["theta"].reshape(len(d["theta"]), -1, d["phi"].shape[-2])  # (draws, D, K)
+    return {"theta_phi": np.einsum("sdk,skv->sdv", theta, d["phi"])}
 
 
 def hmm(y, num_states=2):
