@@ -735,7 +735,7 @@ def _run_cavi_demo(oracle_dir: str | os.PathLike) -> None:
     rows = []
     for label, oracle in (("learned", learned), ("exact", ExactOracle(family))):
         guide = CAVIGuide(model, oracles={"x": oracle})
-        result = CAVI(model, guide).run(jax.random.key(0), 50)
+        result = CAVI(model, guide).run(jax.random.key(0), 50, progress_bar=False)
         rows.append((label, result))
         shape, rate = guide.conjugate.families["s"].family.shape_rate_from_natural(
             result.params["s_eta"])
