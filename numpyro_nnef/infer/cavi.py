@@ -1,10 +1,9 @@
 """Mean-field CAVI on NumPyro models, and the guide that holds its factors.
 
-For latent site k with statistics s_k and family T_k (s_k = B_k T_k + c_k), a coordinate update
-sets eta_k = B_k^T d E_q[log p] / d E[s_k] and E[T_k] = oracle_k.mean(eta_k); the ELBO is
-E_q[log p] + sum_k (A_k(eta_k) - eta_k . E[T_k]) (the families' base measures are constant).
-Sites are updated in model order; the elements of a site are updated together unless the log
-density couples them (then one after another, which keeps the ELBO non-decreasing).
+``CAVI`` is a thin SVI-shaped wrapper (init / update / evaluate / get_params / run) around the
+pure kernel of ``kernel.py``, compiled once per model structure; ``CAVIGuide`` holds one
+exponential-family factor per element of every latent site; ``CAVIResult.check_elbo`` compares
+the engine's ELBO with a Monte Carlo estimate from q's own draws.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import dataclasses
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -22,25 +20,13 @@ import numpy as np
 import numpyro
 
 from ..oracles import QuadratureOracle
+from .conditional import CompleteConditional, complete_conditionals
 from .conjugacy import ConjugateModel, analyse_model
+from .kernel import CAVIKernel, CAVIState, cavi_kernel
 
 Array = jax.Array
 
-__all__ = ["CAVIGuide", "CAVI", "CAVIState", "CAVIResult", "ELBOCheck", "monte_carlo_elbo"]
-
-
-class CAVIState(NamedTuple):
-    """mu: each site's expected statistics (batch..., num_stats); eta, mean: its family's
-    natural parameter and E[T] (batch..., stat_dim); log_partition: A(eta) (batch...); elbo:
-    after the last sweep; ok: False once a complete conditional left its family's natural
-    domain."""
-
-    mu: dict[str, Array]
-    eta: dict[str, Array]
-    mean: dict[str, Array]
-    log_partition: dict[str, Array]
-    elbo: Array
-    ok: dict[str, Array]
+__all__ = ["CAVIGuide", "CAVI", "CAVIResult", "ELBOCheck", "monte_carlo_elbo"]
 
 
 ROUNDING_ULPS = 100  # rounding of the ELBO's sums, in units of its dtype's eps times |ELBO|
@@ -191,6 +177,11 @@ class CAVIGuide:
         self.conjugate = cm
         return cm
 
+    @property
+    def conditionals(self) -> dict[str, CompleteConditional]:
+        """Each latent site's complete conditional (after the analysis)."""
+        return complete_conditionals(self._require())
+
     def _require(self) -> ConjugateModel:
         if self.conjugate is None:
             raise RuntimeError("the guide has not been set up: run CAVI(model, guide).run(...) "
@@ -339,25 +330,18 @@ class CAVI:
         """Analyse the model and start every factor at the statistics of one random point of
         its support (point masses; the first sweep replaces them in model order)."""
         cm = self.guide.analyse(*args, key=rng_key, **kwargs)
-        mu, eta, mean, log_z, ok = {}, {}, {}, {}, {}
-        for name, site in cm.sites.items():
-            x = np.asarray(cm.initial_values[name]).reshape((-1, *site.element_shape))
-            # numpy until the first compiled sweep (eager jnp calls would each compile)
-            mu[name] = cm.site_stat_batch(name, x).reshape((*site.batch_shape, -1))
-            d = cm.families[name].family.stat_dim
-            eta[name] = np.zeros((*site.batch_shape, d))
-            mean[name] = np.zeros((*site.batch_shape, d))
-            log_z[name] = np.zeros(site.batch_shape)
-            ok[name] = np.asarray(True)
         key = (cm.signature(), self.damping)
         if key not in _PROGRAMS:
             if len(_PROGRAMS) >= MAX_PROGRAMS:  # bounded: the oldest structure goes first
                 _PROGRAMS.pop(next(iter(_PROGRAMS)))
-            _PROGRAMS[key] = _Program(self._make_sweep(cm), partial(self._elbo, cm))
+            _PROGRAMS[key] = _Program(cavi_kernel(cm, self.damping))
         self._program, self._program_key, self._analysis_key = _PROGRAMS[key], key, rng_key
         self._data = [np.asarray(a) for a in cm.data()]
         self._data_args = _leaves(args, kwargs)
-        return CAVIState(mu, eta, mean, log_z, np.asarray(-np.inf), ok)
+        # numpy until the first compiled sweep (eager jnp calls would each compile)
+        return self._program.kernel.init({name: cm.site_stat_batch(name, np.asarray(
+            cm.initial_values[name]).reshape((-1, *site.element_shape))).reshape(
+            (*site.batch_shape, -1)) for name, site in cm.sites.items()})
 
     def _data_for(self, args: tuple, kwargs: dict) -> list[Array]:
         """The compiled program's data arguments for these model arguments (those of ``init``
@@ -377,62 +361,10 @@ class CAVI:
         self._data, self._data_args = [np.asarray(a) for a in cm.data()], leaves
         return self._data
 
-    def _make_sweep(self, cm: ConjugateModel) -> Callable[[list[Array], CAVIState], CAVIState]:
-        """The sweep over all sites, a pure function of (data, state) for this structure."""
-        rho = self.damping
-
-        def site_update(name, data, state, first):
-            fam = cm.families[name]
-            grad = jax.grad(lambda m: cm.expected_log_joint({**state.mu, name: m}, data))(
-                state.mu[name])
-            eta = fam.natural(grad)
-            eta = jnp.where(first | (rho == 0.0), eta, (1 - rho) * eta + rho * state.eta[name])
-            return eta
-
-        def apply(name, state, eta, idx=()):
-            """Set site ``name`` (its element ``idx``; all elements for ()) to natural ``eta``."""
-            fam = cm.families[name]
-            ok = jnp.all(fam.family.in_domain(eta))
-            safe = jnp.where(ok, eta, jnp.asarray(fam.oracle.default_init(), eta.dtype))
-            mean, log_z = fam.oracle.mean_and_log_partition(safe)
-            return state._replace(
-                mu={**state.mu, name: state.mu[name].at[idx].set(fam.site_stats(mean))},
-                eta={**state.eta, name: state.eta[name].at[idx].set(eta)},
-                mean={**state.mean, name: state.mean[name].at[idx].set(mean)},
-                log_partition={**state.log_partition,
-                               name: state.log_partition[name].at[idx].set(log_z)},
-                ok={**state.ok, name: state.ok[name] & ok})
-
-        def sweep(data: list[Array], state: CAVIState) -> CAVIState:
-            first = ~jnp.isfinite(state.elbo)
-            for name, site in cm.sites.items():
-                if not cm.self_coupled[name] or not site.batch_shape:
-                    state = apply(name, state, site_update(name, data, state, first))
-                    continue
-                size = int(np.prod(site.batch_shape))
-
-                def element(i, st, name=name, site=site):
-                    idx = jnp.unravel_index(i, site.batch_shape)
-                    return apply(name, st, site_update(name, data, st, first)[idx], idx)
-
-                state = jax.lax.fori_loop(0, size, element, state)
-            return state._replace(elbo=self._elbo(cm, data, state))
-
-        return sweep
-
-    @staticmethod
-    def _elbo(cm: ConjugateModel, data: list[Array], state: CAVIState) -> Array:
-        """E_q[log p] + sum over factors of the entropy A(eta) - eta . E[T]."""
-        total = cm.expected_log_joint(state.mu, data)
-        for name in cm.families:
-            eta, mean = state.eta[name], state.mean[name]
-            total = total + jnp.sum(state.log_partition[name] - jnp.sum(eta * mean, -1))
-        return total
-
     def update(self, state: CAVIState, *args: Any, **kwargs: Any) -> tuple[CAVIState, Array]:
         """One sweep over all sites on the data of ``args``/``kwargs`` (the model's arguments;
         those of ``init`` when none are given): (new state, its ELBO)."""
-        state = self._program_or_raise().sweep(self._data_for(args, kwargs), state)
+        state = self._program_or_raise().step(self._data_for(args, kwargs), state)
         return state, state.elbo
 
     def evaluate(self, state: CAVIState, *args: Any, **kwargs: Any) -> Array:
@@ -516,14 +448,14 @@ def _converged(previous: Array, current: Array, tol: float, xp: Any = jnp) -> Ar
 
 
 class _Program:
-    """The compiled pieces for one model structure (shared by every run on data of that
-    structure): the sweep, the ELBO, and ``loop``: up to ``num`` (<= CHUNK) sweeps in a
+    """The compiled kernel of one model structure (shared by every run on data of that
+    structure): ``step``, ``elbo``, and ``loop``: up to ``num`` (<= CHUNK) steps in a
     ``lax.while_loop`` that stops at convergence or when a factor leaves its domain."""
 
-    def __init__(self, sweep: Callable, elbo: Callable):
-        self.raw_sweep = sweep
-        self.sweep = jax.jit(sweep)
-        self.elbo = jax.jit(elbo)
+    def __init__(self, kernel: CAVIKernel):
+        self.kernel = kernel
+        self.step = jax.jit(kernel.step)
+        self.elbo = jax.jit(kernel.elbo)
         self.loop = jax.jit(self._loop)
 
     def _loop(self, data, state, previous, num, tol):
@@ -535,7 +467,7 @@ class _Program:
 
         def body(carry):
             st, _, trace, i = carry
-            new = self.raw_sweep(data, st)
+            new = self.kernel.step(data, st)
             return new, st.elbo, trace.at[i].set(new.elbo), i + 1
 
         state = state._replace(elbo=jnp.asarray(state.elbo, previous.dtype))

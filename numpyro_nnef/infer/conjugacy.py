@@ -28,7 +28,7 @@ import dataclasses
 import inspect
 import itertools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -338,16 +338,24 @@ class ConjugateModel:
             parts.append(value.reshape(len(elements), -1))
         return np.concatenate(parts, axis=1)
 
+    def stat_shapes(self, name: str) -> list[tuple[int, ...]]:
+        """The shape of each of the site's statistics on one element."""
+        shapes = self.__dict__.setdefault("_stat_shapes", {})
+        if name not in shapes:
+            probe = np.full(self.sites[name].element_shape, 0.5)
+            shapes[name] = [tuple(jax.eval_shape(s, probe).shape) for s in self.stats[name]]
+        return shapes[name]
+
+    def stat_sizes(self, name: str) -> list[int]:
+        """How many numbers each of the site's statistics has per element."""
+        return [int(np.prod(shape)) for shape in self.stat_shapes(name)]
+
     def split(self, name: str, flat: Array) -> list[Array]:
         """(batch..., num_stats) -> one array per statistic, (batch..., *stat element shape)."""
-        site = self.sites[name]
-        probe = np.full(site.element_shape, 0.5)
+        batch = self.sites[name].batch_shape
         out, start = [], 0
-        for s in self.stats[name]:
-            shape = jax.eval_shape(s, probe).shape
-            size = int(np.prod(shape))
-            part = flat[..., start:start + size]
-            out.append(part.reshape((*site.batch_shape, *shape)))
+        for shape, size in zip(self.stat_shapes(name), self.stat_sizes(name), strict=True):
+            out.append(flat[..., start:start + size].reshape((*batch, *shape)))
             start += size
         return out
 
@@ -372,16 +380,24 @@ class ConjugateModel:
         """E_q[log p(x)] from every site's expected statistics mu[site] (batch..., num_stats);
         ``data`` replaces ``self.data()`` (same shapes)."""
         data = self.data() if data is None else data
-        parts = {name: self.split(name, value) for name, value in mu.items()}
-        total = jnp.asarray(data[-1])
-        position = 0
-        for term in self.terms:
+        return jnp.asarray(data[-1]) + self.expected_terms(mu, data, range(len(self.terms)))
+
+    def expected_terms(self, mu: Mapping[str, Array], data: list[Array],
+                       indices: Iterable[int]) -> Array:
+        """The sum of the terms ``indices`` of E_q[log p] (without its constant); ``mu`` needs
+        only the sites in those terms."""
+        starts = np.cumsum([0] + [len(t.operands) for t in self.terms])
+        parts: dict[str, list[Array]] = {}
+        total = jnp.zeros(())
+        for index in indices:
+            term = self.terms[index]
             args: list[Any] = []
-            for _, lab in term.operands:
-                args += [jnp.asarray(data[position]), list(lab)]
-                position += 1
-            for site, k, lab in term.factors:
-                args += [parts[site][k], list(lab)]
+            for position, (_, labels) in enumerate(term.operands, start=int(starts[index])):
+                args += [jnp.asarray(data[position]), list(labels)]
+            for site, k, labels in term.factors:
+                if site not in parts:
+                    parts[site] = self.split(site, mu[site])
+                args += [parts[site][k], list(labels)]
             total = total + jnp.einsum(*args, [], optimize="greedy")
         return total
 

@@ -1,0 +1,110 @@
+"""The CAVI kernel: pure functions ``init``, ``step`` (one sweep) and ``elbo`` of one model
+structure, in the style of BlackJAX (no state outside their arguments, jit- and loop-able).
+
+A sweep visits the sites in model order and sets each factor to its complete conditional
+(``conditional.py``); the ELBO is E_q[log p] + sum_k sum_elements (A_k(eta_k) - eta_k . E[T_k])
+(the entropies; the families' base measures are constant).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .conditional import CompleteConditional, complete_conditionals, element_count
+from .conjugacy import ConjugateModel
+
+Array = jax.Array
+
+__all__ = ["CAVIState", "CAVIKernel", "cavi_kernel"]
+
+
+class CAVIState(NamedTuple):
+    """mu: each site's expected statistics (batch..., num_stats); eta, mean: its family's
+    natural parameter and E[T] (batch..., stat_dim); log_partition: A(eta) (batch...); elbo:
+    after the last sweep (-inf before the first); ok: False once a complete conditional left its
+    family's natural domain."""
+
+    mu: dict[str, Array]
+    eta: dict[str, Array]
+    mean: dict[str, Array]
+    log_partition: dict[str, Array]
+    elbo: Array
+    ok: dict[str, Array]
+
+
+class CAVIKernel(NamedTuple):
+    """``init(mu) -> state`` (factors at the expected statistics ``mu``, e.g. of one point of
+    each support), ``step(data, state) -> state`` (one sweep, its ELBO in ``state.elbo``),
+    ``elbo(data, state) -> ELBO``; ``data`` is the model's ``ConjugateModel.data()``."""
+
+    init: Callable[[Mapping[str, np.ndarray]], CAVIState]
+    step: Callable[[list[Array], CAVIState], CAVIState]
+    elbo: Callable[[list[Array], CAVIState], Array]
+    conditionals: dict[str, CompleteConditional]
+
+
+def cavi_kernel(model: ConjugateModel, damping: float = 0.0) -> CAVIKernel:
+    """The CAVI kernel of ``model``; ``damping`` rho: eta <- (1 - rho) eta_new + rho eta_old
+    after the first sweep (rho = 0: plain coordinate ascent)."""
+    if not 0.0 <= damping < 1.0:
+        raise ValueError(f"damping must be in [0, 1), got {damping}")
+    conditionals = complete_conditionals(model)
+
+    def init(mu: Mapping[str, np.ndarray]) -> CAVIState:
+        eta, mean, log_z, ok = {}, {}, {}, {}
+        for name, cond in conditionals.items():
+            batch, dim = cond.site.batch_shape, cond.family.family.stat_dim
+            eta[name] = np.zeros((*batch, dim))
+            mean[name] = np.zeros((*batch, dim))
+            log_z[name] = np.zeros(batch)
+            ok[name] = np.asarray(True)
+        return CAVIState({n: mu[n] for n in conditionals}, eta, mean, log_z,
+                         np.asarray(-np.inf), ok)
+
+    def damped(name: str, eta: Array, state: CAVIState, first: Array, idx=()) -> Array:
+        if damping == 0.0:
+            return eta
+        return jnp.where(first, eta, (1 - damping) * eta + damping * state.eta[name][idx])
+
+    def assign(name: str, state: CAVIState, eta: Array, idx=()) -> CAVIState:
+        """Site ``name`` (its element ``idx``; every element for ()) set to natural ``eta``."""
+        cond = conditionals[name]
+        mean, log_z, ok = cond.factor(eta)
+
+        def put(field: dict[str, Array], value: Array) -> dict[str, Array]:
+            return {**field, name: field[name].at[idx].set(value)}
+
+        return state._replace(mu=put(state.mu, cond.family.site_stats(mean)),
+                              eta=put(state.eta, eta), mean=put(state.mean, mean),
+                              log_partition=put(state.log_partition, log_z),
+                              ok={**state.ok, name: state.ok[name] & ok})
+
+    def step(data: list[Array], state: CAVIState) -> CAVIState:
+        first = ~jnp.isfinite(state.elbo)
+        for name, cond in conditionals.items():
+            if not cond.sequential:
+                eta = damped(name, cond.natural(state.mu, data), state, first)
+                state = assign(name, state, eta)
+                continue
+
+            def element(i, st, name=name, cond=cond):
+                idx = jnp.unravel_index(i, cond.site.batch_shape)
+                eta = damped(name, cond.natural(st.mu, data)[idx], st, first, idx)
+                return assign(name, st, eta, idx)
+
+            state = jax.lax.fori_loop(0, element_count(cond), element, state)
+        return state._replace(elbo=elbo(data, state))
+
+    def elbo(data: list[Array], state: CAVIState) -> Array:
+        total = model.expected_log_joint(state.mu, data)
+        for name in conditionals:
+            entropy = state.log_partition[name] - jnp.sum(state.eta[name] * state.mean[name], -1)
+            total = total + jnp.sum(entropy)
+        return total
+
+    return CAVIKernel(init, step, elbo, conditionals)
