@@ -2,7 +2,7 @@
 
 from .cavi import CAVI, CAVIGuide, CAVIResult, CAVIState, ELBOCheck, monte_carlo_elbo
 from .conjugacy import ConjugateModel, LatentSite, analyse_model
-from .symbolic import NonConjugateError
+from .interpreter import NonConjugateError
 
 __all__ = ["CAVI", "CAVIGuide", "CAVIResult", "CAVIState", "ConjugateModel", "ELBOCheck",
            "LatentSite", "NonConjugateError", "analyse_model", "monte_carlo_elbo"]

@@ -22,6 +22,7 @@ import numpy as np
 import numpyro
 
 from ..oracles import QuadratureOracle
+from .cache import BoundedCache
 from .conjugacy import ConjugateModel, analyse_model
 
 Array = jax.Array
@@ -350,11 +351,10 @@ class CAVI:
             log_z[name] = np.zeros(site.batch_shape)
             ok[name] = np.asarray(True)
         key = (cm.signature(), self.damping)
-        if key not in _PROGRAMS:
-            if len(_PROGRAMS) >= MAX_PROGRAMS:  # bounded: the oldest structure goes first
-                _PROGRAMS.pop(next(iter(_PROGRAMS)))
-            _PROGRAMS[key] = _Program(self._make_sweep(cm), partial(self._elbo, cm))
-        self._program, self._program_key, self._analysis_key = _PROGRAMS[key], key, rng_key
+        program = _PROGRAMS.get(key)
+        if program is None:
+            program = _PROGRAMS.put(key, _Program(self._make_sweep(cm), partial(self._elbo, cm)))
+        self._program, self._program_key, self._analysis_key = program, key, rng_key
         self._data = [np.asarray(a) for a in cm.data()]
         self._data_args = _leaves(args, kwargs)
         return CAVIState(mu, eta, mean, log_z, np.asarray(-np.inf), ok)
@@ -551,4 +551,4 @@ def _leaves(args: tuple, kwargs: dict) -> list[Any]:
 CHUNK = 256  # sweeps per compiled loop call (between progress-bar updates)
 MAX_PROGRAMS = 32
 # compiled programs by (model structure, damping): new data of the same shapes reuses them
-_PROGRAMS: dict[tuple, _Program] = {}
+_PROGRAMS: BoundedCache[tuple, _Program] = BoundedCache(MAX_PROGRAMS)
