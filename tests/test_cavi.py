@@ -13,7 +13,7 @@ from numpyro.infer import Predictive
 from numpyro.infer.util import log_density
 
 import numpyro_nnef as nnef
-from numpyro_nnef.infer.symbolic import trace_log_density
+from numpyro_nnef.infer.interpreter import trace_log_density
 
 MU0, LAM0, A0, B0 = 0.5, 2.0, 3.0, 2.0
 

@@ -20,6 +20,7 @@ import numpy as np
 import numpyro
 
 from ..oracles import QuadratureOracle
+from .cache import BoundedCache
 from .conditional import CompleteConditional, complete_conditionals
 from .conjugacy import ConjugateModel, analyse_model
 from .kernel import CAVIKernel, CAVIState, cavi_kernel
@@ -331,11 +332,10 @@ class CAVI:
         its support (point masses; the first sweep replaces them in model order)."""
         cm = self.guide.analyse(*args, key=rng_key, **kwargs)
         key = (cm.signature(), self.damping)
-        if key not in _PROGRAMS:
-            if len(_PROGRAMS) >= MAX_PROGRAMS:  # bounded: the oldest structure goes first
-                _PROGRAMS.pop(next(iter(_PROGRAMS)))
-            _PROGRAMS[key] = _Program(cavi_kernel(cm, self.damping))
-        self._program, self._program_key, self._analysis_key = _PROGRAMS[key], key, rng_key
+        program = _PROGRAMS.get(key)
+        if program is None:
+            program = _PROGRAMS.put(key, _Program(cavi_kernel(cm, self.damping)))
+        self._program, self._program_key, self._analysis_key = program, key, rng_key
         self._data = [np.asarray(a) for a in cm.data()]
         self._data_args = _leaves(args, kwargs)
         # numpy until the first compiled sweep (eager jnp calls would each compile)
@@ -483,4 +483,4 @@ def _leaves(args: tuple, kwargs: dict) -> list[Any]:
 CHUNK = 256  # sweeps per compiled loop call (between progress-bar updates)
 MAX_PROGRAMS = 32
 # compiled programs by (model structure, damping): new data of the same shapes reuses them
-_PROGRAMS: dict[tuple, _Program] = {}
+_PROGRAMS: BoundedCache[tuple, _Program] = BoundedCache(MAX_PROGRAMS)

@@ -1,9 +1,9 @@
 """Conjugacy analysis of a NumPyro model: its latent sites, their statistics, their families.
 
 ``analyse_model`` traces the model, rewrites its log joint into einsum terms in per-site
-statistics (``symbolic.py``), and returns a :class:`ConjugateModel` whose
-``expected_log_joint(mu)`` is E_q[log p(x)] under the mean-field q, exact because the log joint is
-multilinear in the statistics of distinct elements:
+statistics (``interpreter.py``, into the multilinear form of ``algebra.py``), and returns a
+:class:`ConjugateModel` whose ``expected_log_joint(mu)`` is E_q[log p(x)] under the mean-field
+q, exact because the log joint is multilinear in the statistics of distinct elements:
 
 - every latent site is factorised over its elements (its batch axes, and the axes an
   ``Independent``/``to_event`` wrapper adds); an element is one draw of the innermost base
@@ -44,18 +44,9 @@ from numpyro.infer.util import log_density
 from .. import families
 from ..family import ExponentialFamily, NaturalDomain
 from ..oracles import ExactOracle, QuadratureOracle
-from .symbolic import (
-    REMEDY,
-    Factor,
-    NonConjugateError,
-    Poly,
-    Stat,
-    Term,
-    describe,
-    evaluate_in_numpy,
-    outer,
-    trace_log_density,
-)
+from .algebra import Factor, Poly, Stat, Term, outer
+from .cache import BoundedCache
+from .interpreter import REMEDY, NonConjugateError, describe, evaluate_in_numpy, trace_log_density
 
 Array = jax.Array
 logger = logging.getLogger("numpyro_nnef")
@@ -705,8 +696,10 @@ def _distribution_name(fn: dist.Distribution) -> str:
     return name
 
 
+MAX_RESOLVED = 256
 # resolved named families by (statistic names, support, element shape)
-_RESOLVED: dict[tuple, tuple[ExponentialFamily, np.ndarray, np.ndarray]] = {}
+_RESOLVED: BoundedCache[tuple, tuple[ExponentialFamily, np.ndarray, np.ndarray]] = BoundedCache(
+    MAX_RESOLVED)
 
 
 def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, oracle: Any
@@ -728,8 +721,9 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
     if all(a.elementwise for a in atoms):  # the names then say what the statistics are
         key = (tuple(s.name for s in model.stats[site.name]), type(site.support).__name__,
                str(site.support), site.element_shape)
-        if key in _RESOLVED:
-            fam, B, c = _RESOLVED[key]
+        resolved = _RESOLVED.get(key)
+        if resolved is not None:
+            fam, B, c = resolved
             return SiteFamily(fam, ExactOracle(fam), B, c)
     for fam in candidate_families(site):
         (log_h,) = evaluate_in_numpy(fam.log_base_measure, elements)
@@ -738,7 +732,7 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
         fit = fit_statistics(stats, fam, fit_elements(site, elements, fam.stat_dim))
         if fit is not None:
             if key is not None:
-                _RESOLVED[key] = (fam, *fit)
+                _RESOLVED.put(key, (fam, *fit))
             return SiteFamily(fam, ExactOracle(fam), *fit)
     if not site.element_shape:
         return quadrature_family(model, site, elements)
@@ -753,10 +747,11 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
     )
 
 
-# automatic quadrature families by (statistic names, support, fingerprint of the statistics),
-# oldest first (statistics with data in them, such as |y_i - x|, make one per data set)
-_AUTOMATIC: dict[tuple, tuple[ExponentialFamily, QuadratureOracle, np.ndarray, np.ndarray]] = {}
 MAX_AUTOMATIC = 64
+# automatic quadrature families by (statistic names, support, fingerprint of the statistics)
+# (statistics with data in them, such as |y_i - x|, make one per data set)
+_AUTOMATIC: BoundedCache[tuple, tuple[ExponentialFamily, QuadratureOracle, np.ndarray,
+                                      np.ndarray]] = BoundedCache(MAX_AUTOMATIC)
 
 
 def scalar_support(support: constraints.Constraint) -> constraints.Constraint | None:
@@ -845,7 +840,8 @@ def quadrature_family(model: ConjugateModel, site: LatentSite, elements: np.ndar
     # names of elementwise statistics say what they are; those of vector ones do not
     key = (tuple(st.name if e else "vector" for st, e in zip(stats, elementwise, strict=True)),
            str(support), tuple(columns), values.tobytes())
-    if key not in _AUTOMATIC:
+    entry = _AUTOMATIC.get(key)
+    if entry is None:
         family = _statistics_family(stats, columns, support)
         oracle = QuadratureOracle(family)
         family.natural_constraint = NaturalDomain(
@@ -856,11 +852,9 @@ def quadrature_family(model: ConjugateModel, site: LatentSite, elements: np.ndar
             raise NonConjugateError(
                 f"site {site.name!r}: the automatic family's statistics do not reproduce "
                 f"[{names}] (a fit s = B T + c failed); please report it")
-        if len(_AUTOMATIC) >= MAX_AUTOMATIC:
-            _AUTOMATIC.pop(next(iter(_AUTOMATIC)))
-        _AUTOMATIC[key] = (family, oracle, *fit)
+        entry = _AUTOMATIC.put(key, (family, oracle, *fit))
     logger.info("site %r: no named family has [%s]; using a quadrature family", site.name, names)
-    family, oracle, B, c = _AUTOMATIC[key]
+    family, oracle, B, c = entry
     return SiteFamily(family, oracle, B, c)
 
 
