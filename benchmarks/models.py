@@ -9,7 +9,9 @@ first-call times include tracing and compilation; imports and data generation ar
   draws of q. A refusal records the error message.
 * nuts: ``MCMC(NUTS(model), num_warmup, num_samples)`` on the NUTS model of the entry (the
   model itself, or its discrete sites summed out by hand), first call and a repeated call of
-  the same object; the reference means and sds, with split r-hat and MCSE/sd.
+  the same object; the reference means and sds pool these two chains and ``reference_chains``
+  - 2 more (untimed) of the same object, with split r-hat and MCSE/sd over the chains (one
+  chain's reference moved probabilistic PCA's gap between 0.40 and 0.65).
 * svi: ``SVI(model, AutoNormal(model), Adam(lr), Trace_ELBO())`` for ``svi_steps`` steps (on
   the NUTS model), compared quantities from draws of the guide.
 
@@ -40,10 +42,12 @@ from pathlib import Path
 from results_cache import read_results, save_result, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = {"nuts": {"num_warmup": 1000, "num_samples": 1000}, "cavi_steps": 1000,
+FULL = {"nuts": {"num_warmup": 1000, "num_samples": 1000}, "reference_chains": 4,
+        "cavi_steps": 1000,
         "svi_steps": 5000, "svi_lr": 0.01, "draws": 4000, "unit_timeout_s": 900,
         "output": "benchmarks/results/models"}
-QUICK = {"nuts": {"num_warmup": 100, "num_samples": 100}, "cavi_steps": 100, "svi_steps": 300,
+QUICK = {"nuts": {"num_warmup": 100, "num_samples": 100}, "reference_chains": 2,
+         "cavi_steps": 100, "svi_steps": 300,
          "svi_lr": 0.01, "draws": 500, "unit_timeout_s": 300, "output": "/tmp/models_quick/models"}
 METHODS = ("cavi", "nuts", "svi")
 GOAL_FIRST, GOAL_Z = 10.0, 0.5
@@ -120,20 +124,25 @@ def unit_nuts(name: str, config: dict) -> dict:
     mcmc = MCMC(NUTS(entry.nuts_model or entry.model), **config["nuts"], progress_bar=True)
     start = time.perf_counter()
     mcmc.run(jax.random.key(0), **data)
-    samples = jax.device_get(mcmc.get_samples())
+    chains = [jax.device_get(mcmc.get_samples())]
     first = time.perf_counter() - start
     start = time.perf_counter()
     mcmc.run(jax.random.key(1), **data)
-    jax.device_get(mcmc.get_samples())
+    chains.append(jax.device_get(mcmc.get_samples()))
     repeated = time.perf_counter() - start
-    q = quantities(name, samples)
-    entry_q = entry.compare(samples) if entry.compare else {k: samples[k] for k in q}
-    for k, v in entry_q.items():
-        chain = np.asarray(v, dtype=float)[None]
-        ess = np.asarray(effective_sample_size(chain))
-        q[k]["mcse"] = (np.asarray(q[k]["sd"]) / np.sqrt(ess)).tolist()
-        q[k]["rhat"] = np.asarray(split_gelman_rubin(chain)).tolist()
     divergences = int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
+    for chain in range(2, config["reference_chains"]):  # untimed: more chains for the reference
+        mcmc.run(jax.random.key(chain), **data)
+        chains.append(jax.device_get(mcmc.get_samples()))
+        divergences += int(np.asarray(mcmc.get_extra_fields()["diverging"]).sum())
+    pooled = {k: np.concatenate([c[k] for c in chains]) for k in chains[0]}
+    q = quantities(name, pooled)
+    per_chain = [entry.compare(c) if entry.compare else c for c in chains]
+    for k in q:
+        stacked = np.stack([np.asarray(c[k], dtype=float) for c in per_chain])
+        ess = np.asarray(effective_sample_size(stacked))
+        q[k]["mcse"] = (np.asarray(q[k]["sd"]) / np.sqrt(ess)).tolist()
+        q[k]["rhat"] = np.asarray(split_gelman_rubin(stacked)).tolist()
     return {"first_s": first, "repeated_s": repeated, "quantities": q,
             "divergences": divergences}
 
@@ -237,7 +246,7 @@ def markdown(rows: dict, config: dict, names: list[str], load: tuple[str, str]) 
         f"{platform.python_version()}; float64; commit {code_version()}. 1-minute load average "
         f"at the start and end: {load[0]} and {load[1]} (2 cores: above 2 the units shared the "
         f"CPU). NUTS {config['nuts']['num_warmup']} + {config['nuts']['num_samples']}, one "
-        f"chain; SVI AutoNormal, Adam({config['svi_lr']}), {config['svi_steps']} steps; CAVI up "
+        f"chain timed, {config['reference_chains']} pooled for the reference; SVI AutoNormal, Adam({config['svi_lr']}), {config['svi_steps']} steps; CAVI up "
         f"to {config['cavi_steps']} sweeps, default tol. Every unit in a fresh process. "
         "Definitions: the docstring of `benchmarks/models.py`.", "",
         "| model | source | CAVI | families | CAVI max abs dmean/sd | CAVI sd ratio | ELBO z "

@@ -190,6 +190,10 @@ def test_laplace_likelihood_of_a_scalar_site_gets_a_quadrature_family(ng_data):
     exact = (w * grid**2).sum() / w.sum()
     second = float(result.state.mean["mu"][fam.family.stat_labels.index("x^2")])
     np.testing.assert_allclose(second, exact, rtol=1e-3)
+    # another analysis key (other probe draws) keeps the family, so the compiled sweep is reused
+    assert guide.analyse(ng_data, key=jax.random.key(7)).families["mu"].family is fam.family
+    other = guide.analyse(ng_data + 1.0, key=jax.random.key(7)).families["mu"].family
+    assert other is not fam.family  # other data: other statistics |y_i + 1 - x|
 
 
 def test_vector_statistics_without_a_named_family_explain_what_to_do():
@@ -504,6 +508,7 @@ def test_eight_schools_scale_gets_an_automatic_quadrature_family(caplog):
     assert fam.family.stat_labels == ("log(0.04*x^2 + 1)", "x", "x^2")
     assert "site 'tau': no named family has" in caplog.text
     assert result.converged
+    assert guide.analyse(sigma, y, key=jax.random.key(9)).families["tau"].family is fam.family
     check = result.check_elbo(jax.random.key(1), 2000)
     assert check.passed(), str(check)
     u = np.linspace(-12.0, 6.0, 4000)

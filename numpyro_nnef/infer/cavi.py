@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 
+from .._jit import quick_jit
 from ..oracles import QuadratureOracle
 from .cache import BoundedCache
 from .conditional import CompleteConditional, complete_conditionals
@@ -81,7 +82,7 @@ def monte_carlo_elbo(model: Callable, guide: CAVIGuide, params: Mapping[str, Arr
             values[n])) for n in cm.sites)
         return log_p - log_q
 
-    ratios = np.asarray(jax.jit(jax.vmap(log_ratio))(draws), dtype=np.float64)
+    ratios = np.asarray(quick_jit(jax.vmap(log_ratio))(draws), dtype=np.float64)
     if not np.all(np.isfinite(ratios)):
         bad = int((~np.isfinite(ratios)).sum())
         raise FloatingPointError(f"log p - log q is not finite on {bad} of {num_samples} draws "
@@ -454,9 +455,9 @@ class _Program:
 
     def __init__(self, kernel: CAVIKernel):
         self.kernel = kernel
-        self.step = jax.jit(kernel.step)
-        self.elbo = jax.jit(kernel.elbo)
-        self.loop = jax.jit(self._loop)
+        self.step = quick_jit(kernel.step)
+        self.elbo = quick_jit(kernel.elbo)
+        self.loop = quick_jit(self._loop)
 
     def _loop(self, data, state, previous, num, tol):
         """(state, ELBO before the last sweep, ELBO trace (CHUNK,), sweeps done)."""

@@ -806,13 +806,17 @@ def independent_columns(values: np.ndarray, elementwise: np.ndarray, rtol: float
 
 
 def probe_points(support: constraints.Constraint, draws: np.ndarray) -> np.ndarray:
-    """Points of a scalar support on which statistics are compared: ``draws`` and the image
-    of a uniform grid u in [-8, 8] (x in [-8, 8], [3e-4, 3e3], ...; the circle in 2 pi)."""
+    """Points of a scalar support on which statistics are compared: the image of a uniform grid
+    u in [-8, 8] (x in [-8, 8], [3e-4, 3e3], ...; the circle in 2 pi; the first PROBE_GRID
+    points), then ``draws``."""
     if isinstance(support, constraints._Circular):
-        grid = np.linspace(-np.pi, np.pi, 1601, endpoint=False)
+        grid = np.linspace(-np.pi, np.pi, PROBE_GRID, endpoint=False)
     else:
-        grid = np.asarray(biject_to(support)(jnp.linspace(-8.0, 8.0, 1601)))
+        grid = np.asarray(biject_to(support)(np.linspace(-8.0, 8.0, PROBE_GRID)))
     return np.concatenate([grid, np.asarray(draws, np.float64).reshape(-1)])
+
+
+PROBE_GRID = 1601
 
 
 def quadrature_family(model: ConjugateModel, site: LatentSite, elements: np.ndarray
@@ -837,9 +841,11 @@ def quadrature_family(model: ConjugateModel, site: LatentSite, elements: np.ndar
     elementwise = [all(a.elementwise for a, _ in st.atoms) for st in stats]
     flags = np.repeat(elementwise, _stat_sizes(stats))
     columns = independent_columns(values, flags)
-    # names of elementwise statistics say what they are; those of vector ones do not
+    # names of elementwise statistics say what they are; those of vector ones do not, and their
+    # values on the grid (not at the random draws) fingerprint them: another analysis key reuses
+    # the family, its oracle and so the compiled CAVI program
     key = (tuple(st.name if e else "vector" for st, e in zip(stats, elementwise, strict=True)),
-           str(support), tuple(columns), values.tobytes())
+           str(support), tuple(columns), values[:PROBE_GRID].tobytes())
     entry = _AUTOMATIC.get(key)
     if entry is None:
         family = _statistics_family(stats, columns, support)
