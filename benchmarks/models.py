@@ -246,7 +246,8 @@ def markdown(rows: dict, config: dict, names: list[str], load: tuple[str, str]) 
         f"{platform.python_version()}; float64; commit {code_version()}. 1-minute load average "
         f"at the start and end: {load[0]} and {load[1]} (2 cores: above 2 the units shared the "
         f"CPU). NUTS {config['nuts']['num_warmup']} + {config['nuts']['num_samples']}, one "
-        f"chain timed, {config['reference_chains']} pooled for the reference; SVI AutoNormal, Adam({config['svi_lr']}), {config['svi_steps']} steps; CAVI up "
+        f"chain timed, {config['reference_chains']} pooled for the reference; SVI AutoNormal, "
+        f"Adam({config['svi_lr']}), {config['svi_steps']} steps; CAVI up "
         f"to {config['cavi_steps']} sweeps, default tol. Every unit in a fresh process. "
         "Definitions: the docstring of `benchmarks/models.py`.", "",
         "| model | source | CAVI | families | CAVI max abs dmean/sd | CAVI sd ratio | ELBO z "
