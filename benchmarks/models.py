@@ -322,12 +322,13 @@ def main() -> None:
         parser.error(f"unknown models {unknown}; known: {sorted(MODELS)}")
     config = QUICK if args.quick else FULL
     cache = ROOT / (config["output"] + ".json")
-    rows = {} if args.rerun else read_results(cache)
+    rows = read_results(cache)
+    done = set() if args.rerun else set(rows)
     load_start = f"{os.getloadavg()[0]:.2f}"
     for name in args.models:
         for method in METHODS:
             key = f"{name}|{method}"
-            if key in rows:
+            if key in done:
                 continue
             print(f"{key} ...", flush=True)
             rows = save_result(cache, key, run_unit_subprocess(name, method, config))
