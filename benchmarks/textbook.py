@@ -10,8 +10,10 @@ and ``compare``: the quantities compared between methods, computed from posterio
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
@@ -119,13 +121,61 @@ def _divorce_data(rng, n=50):
 def logistic(X, y):
     with numpyro.plate("p", X.shape[1]):
         w = numpyro.sample("w", dist.Normal(0.0, 1.0))
-    numpyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
+    b = numpyro.sample("b", dist.Normal(0.0, 2.0))
+    with numpyro.plate("n", X.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(logits=X @ w + b), obs=y)
 
 
-def _logistic_data(rng, n=60, p=3):
+def _logistic_data(rng, n=1000, p=20):
+    X = rng.normal(size=(n, p)) / np.sqrt(p)
+    logits = X @ rng.normal(0.0, 2.0, p) + 0.3
+    return {"X": X, "y": (rng.uniform(size=n) < 1 / (1 + np.exp(-logits))).astype(float)}
+
+
+def poisson_log(X, y):
+    """Poisson regression with log link."""
+    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
+    b = numpyro.sample("b", dist.Normal(0.0, 2.0))
+    with numpyro.plate("n", X.shape[0]):
+        numpyro.sample("y", dist.Poisson(jnp.exp(X @ w + b)), obs=y)
+
+
+def _poisson_data(rng, n=1000, p=10):
+    X = rng.normal(size=(n, p)) / np.sqrt(p)
+    return {"X": X, "y": rng.poisson(np.exp(X @ rng.normal(0.0, 1.0, p) + 0.5)).astype(float)}
+
+
+def probit(X, y):
+    with numpyro.plate("p", X.shape[1]):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", X.shape[0]):
+        numpyro.sample("y", dist.Bernoulli(probs=jax.scipy.stats.norm.cdf(X @ w)), obs=y)
+
+
+def _probit_data(rng, n=500, p=5):
+    X = rng.normal(size=(n, p)) / np.sqrt(p)
+    prob = 0.5 * (1 + np.vectorize(math.erf)(X @ rng.normal(0.0, 1.5, p) / np.sqrt(2)))
+    return {"X": X, "y": (rng.uniform(size=n) < prob).astype(float)}
+
+
+def hierarchical_logistic(group, X, y, num_groups):
+    """Random intercepts per group (Gelman & Hill ch. 14 style)."""
+    mu_a = numpyro.sample("mu_a", dist.Normal(0.0, 2.0))
+    sigma_a = numpyro.sample("sigma_a", dist.HalfNormal(1.0))
+    with numpyro.plate("g", num_groups):
+        a = numpyro.sample("a", dist.Normal(mu_a, sigma_a))
+    with numpyro.plate("p", X.shape[1]):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", len(y)):
+        numpyro.sample("y", dist.Bernoulli(logits=a[group] + X @ w), obs=y)
+
+
+def _hierarchical_logistic_data(rng, n=600, p=3, num_groups=20):
+    group = rng.integers(0, num_groups, n)
     X = rng.normal(size=(n, p))
-    return {"X": X, "y": (rng.uniform(size=n) < 1 / (1 + np.exp(-X @ rng.normal(size=p))))
-            .astype(float)}
+    logits = rng.normal(0.5, 0.8, num_groups)[group] + X @ rng.normal(0.0, 1.0, p)
+    return {"group": group, "X": X, "num_groups": num_groups,
+            "y": (rng.uniform(size=n) < 1 / (1 + np.exp(-logits))).astype(float)}
 
 
 # ----------------------------------------------------------------------------- counts
@@ -214,6 +264,29 @@ def gmm(y, k=2):
     with numpyro.plate("n", len(y)):
         z = numpyro.sample("z", dist.Categorical(pi))
         numpyro.sample("y", dist.Normal(mu[z], 1.0), obs=y)
+
+
+def _lognormal_scale_priors(k):
+    pi = numpyro.sample("pi", dist.Dirichlet(jnp.ones(k)))
+    sigma = numpyro.sample("sigma", dist.LogNormal(0.0, 1.0))
+    with numpyro.plate("c", k):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 5.0))
+    return pi, sigma, mu
+
+
+def gmm_lognormal_scale(y, k=2):
+    """The mixture above with a shared scale with a LogNormal prior."""
+    pi, sigma, mu = _lognormal_scale_priors(k)
+    with numpyro.plate("n", len(y)):
+        z = numpyro.sample("z", dist.Categorical(pi))
+        numpyro.sample("y", dist.Normal(mu[z], sigma), obs=y)
+
+
+def gmm_lognormal_scale_marginal(y, k=2):
+    pi, sigma, mu = _lognormal_scale_priors(k)
+    with numpyro.plate("n", len(y)):
+        numpyro.sample("y", dist.MixtureSameFamily(dist.Categorical(pi), dist.Normal(mu, sigma)),
+                       obs=y)
 
 
 def gmm_marginal(y, k=2):
@@ -345,6 +418,19 @@ MODELS: dict[str, Entry] = {
                  compare=_word_distributions),
     "hmm": Entry("HMM with explicit states", hmm, _hmm_data, nuts_model=hmm_marginal,
                  compare=lambda d: {"mu": np.sort(d["mu"], -1)}),
-    "logistic": Entry("logistic regression (not conditionally conjugate)", logistic,
+    "logistic": Entry("logistic regression, n=1000, p=20 (non-conjugate)", logistic,
                       _logistic_data, conjugate=False),
+    "poisson_log": Entry("Poisson regression, log link, n=1000, p=10 (non-conjugate)",
+                         poisson_log, _poisson_data, conjugate=False),
+    "probit": Entry("probit regression, n=500, p=5 (non-conjugate)", probit, _probit_data,
+                    conjugate=False),
+    "hierarchical_logistic": Entry("logistic regression, random intercepts for 20 groups "
+                                   "(non-conjugate)", hierarchical_logistic,
+                                   _hierarchical_logistic_data, conjugate=False),
+    "gmm_lognormal_scale": Entry("Gaussian mixture, LogNormal prior on the scale (non-conjugate "
+                                 "prior)", gmm_lognormal_scale,
+                                 lambda r: {"y": np.r_[r.normal(-3, 1, 15), r.normal(3, 1, 15)]},
+                                 nuts_model=gmm_lognormal_scale_marginal,
+                                 compare=lambda d: {**_sorted_components(d), "sigma": d["sigma"]},
+                                 conjugate=False),
 }

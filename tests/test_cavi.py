@@ -566,31 +566,6 @@ def test_nan_in_a_covariate_names_the_argument(lasso_data):
         nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, data)
 
 
-def logistic_regression(X, y):
-    w = numpyro.sample("w", dist.Normal(0.0, 1.0).expand([X.shape[1]]).to_event(1))
-    numpyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
-
-
-def poisson_regression(X, y):
-    with numpyro.plate("p", X.shape[1]):
-        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
-    with numpyro.plate("n", X.shape[0]):
-        numpyro.sample("y", dist.Poisson(jnp.exp(X @ w)), obs=y)
-
-
-@pytest.mark.parametrize("model, term, counts", [
-    (logistic_regression, r"Bernoulli\) contains log-sigmoid of a linear function of w", False),
-    (poisson_regression, r"Poisson\) contains exp of a linear function of w", True),
-])
-def test_non_conjugate_likelihoods_are_named_in_words(lasso_data, model, term, counts):
-    X, y = lasso_data
-    y = jnp.round(jnp.exp(y / 2)) if counts else (y > 0).astype(float)
-    match = (r"not conjugate in site\(s\) 'w': the log density of observed site 'y' \(" + term
-             + r".*conjugate prior/likelihood pair.*Non-conjugate factors .* are planned")
-    with pytest.raises(nnef.NonConjugateError, match=match):
-        nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, X, y)
-
-
 def test_a_function_of_several_sites_is_named_in_words(ng_data):
     def model(y):
         a = numpyro.sample("a", dist.Normal(0.0, 1.0))

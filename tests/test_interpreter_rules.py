@@ -13,6 +13,7 @@ from jax.extend import core as jcore
 
 from numpyro_nnef.infer.algebra import Poly
 from numpyro_nnef.infer.interpreter import RULES, NonConjugateError, trace_log_density
+from numpyro_nnef.infer.nonconjugate import Nonlinear
 
 NUM_DRAWS = 8
 FINITE = {"z": np.arange(3), "c": np.arange(3)}  # discrete sites that may index arrays
@@ -135,13 +136,13 @@ DEFAULT_CASES = {"exp": Case(lambda s: jnp.sum(jnp.exp(2.0 * s["x"] + 1.0) * s["
 
 # (rule key, log density, words in the error)
 REFUSALS = [
-    ("select_n", lambda s: jnp.sum(jnp.where(s["x"] > 1.0, s["x"], 0.0)),
+    ("select_n", lambda s: jnp.sum(jnp.where(s["x"] > s["y"], s["x"], 0.0)),
      "a branch (where/select) depends on the value of x"),
-    ("pow", lambda s: jnp.sum(2.0 ** s["x"]), "they appear in an exponent"),
-    ("pow", lambda s: jnp.sum(s["x"] ** np.array([1.0, 2.0, 3.0])),
+    ("pow", lambda s: jnp.sum(s["x"] ** s["y"]), "they appear in an exponent"),
+    ("pow", lambda s: jnp.sum((s["x"] * s["y"]) ** np.array([1.0, 2.0, 3.0])),
      "they are raised to element-dependent powers"),
-    ("log", lambda s: jnp.sum(jnp.log(s["x"] + s["w"][0])),
-     "log of a linear function of w and x"),
+    ("log", lambda s: jnp.sum(jnp.log(s["x"] * s["y"] + s["w"][0])),
+     "log of a function of several sites (w, x and y)"),
     ("max", lambda s: jnp.sum(jnp.maximum(s["x"], s["y"])), "max of a linear function of x and y"),
     ("triangular_solve", lambda s: jnp.sum(jax.lax.linalg.triangular_solve(
         jnp.diag(s["x"]), np.ones((3, 1)), left_side=True, lower=True)),
@@ -150,9 +151,22 @@ REFUSALS = [
         s["x"], s["y"][:2], (1,))), "primitive 'dynamic_update_slice' mixes them"),
     ("gather", lambda s: jnp.sum(s["y"][s["x"].astype(int)]),
      "they are used as indices but are not one discrete site with a finite support"),
-    ("exp", lambda s: jnp.sum(jnp.exp(s["x"] + s["y"])), "exp of a linear function of x and y"),
-    ("exp", lambda s: jnp.sum(jnp.exp(s["x"] @ C.reshape(3, 2))),
+    ("exp", lambda s: jnp.sum(jnp.exp(s["x"] * s["y"])),
+     "exp of a function of several sites (x and y)"),
+    ("exp", lambda s: jnp.sum(jnp.exp((s["x"] ** 2) @ C.reshape(3, 2))),
      "it combines several elements of the site, or weighs them differently"),
+]
+
+# elementwise functions of a linear predictor: kept as non-conjugate terms (nonconjugate.py)
+NONCONJUGATE_TERMS = [
+    ("select_n", lambda s: jnp.sum(jnp.where(s["y"] > 0.0, s["y"], 0.0) * C[:3])),
+    ("pow", lambda s: jnp.sum(2.0 ** s["x"])),
+    ("pow", lambda s: jnp.sum(s["x"] ** np.array([1.0, 2.0, 3.0]))),
+    ("log", lambda s: jnp.sum(jnp.log(s["x"] + s["w"][0]))),
+    ("exp", lambda s: jnp.sum(jnp.exp(s["x"] + s["y"]))),
+    ("exp", lambda s: jnp.sum(jnp.exp(s["x"] @ C.reshape(3, 2)))),
+    ("logistic", lambda s: jnp.sum(jax.nn.log_sigmoid(s["y"] @ C.reshape(3, 2)) * C[:2]
+                                   + s["y"] @ C[:3])),
 ]
 
 
@@ -208,3 +222,17 @@ def test_refusal(name, fn, words):
     with pytest.raises(NonConjugateError, match="not conjugate in site") as info:
         trace_log_density(lambda data, s: fn(s), values, draws, FINITE)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("name, fn", NONCONJUGATE_TERMS,
+                         ids=[f"{name}-{k}" for k, (name, _) in enumerate(NONCONJUGATE_TERMS)])
+def test_nonconjugate_term(name, fn):
+    """An elementwise function of a linear predictor is kept as a term: the traced value equals
+    the function at random points."""
+    draws = site_draws()
+    values = {n: v[0] for n, v in draws.items()}
+    form = trace_log_density(lambda data, s: fn(s), values, draws, FINITE)
+    assert isinstance(form, Nonlinear)
+    for k in range(1, 4):
+        point = {n: jnp.asarray(v[k]) for n, v in draws.items()}
+        np.testing.assert_allclose(float(form.at(point)), float(fn(point)), rtol=1e-9)

@@ -341,9 +341,12 @@ Value = Any  # np.ndarray | Poly | SampledBool
 
 @dataclasses.dataclass
 class SampledBool:
-    """A site-dependent boolean, known through its values on random draws: (M,) + shape."""
+    """A site-dependent boolean, known through its values on random draws: (M,) + shape;
+    ``recipe`` (f, key, a) when it is an elementwise function f of one linear predictor a
+    (a comparison inside a non-conjugate term, see nonconjugate.py)."""
 
     draws: np.ndarray
+    recipe: Any = dataclasses.field(default=None, compare=False)
 
     @property
     def shape(self) -> tuple[int, ...]:

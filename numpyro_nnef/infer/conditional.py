@@ -33,7 +33,10 @@ class CompleteConditional:
     ``terms``: indices of the model's expected-log-joint terms that contain the site;
     ``neighbours``: the other sites in those terms (the Markov blanket); ``sequential``: the
     terms multiply statistics of two of the site's elements, so its elements are updated one
-    after another (each sees the others' new values), else all at once.
+    after another (each sees the others' new values), else all at once; ``nonconjugate``:
+    indices of the model's non-conjugate terms whose predictor holds the site. With those the
+    gradient is Knowles & Minka's non-conjugate message (E_q[log p] is then not linear in the
+    site's own mu, so the kernel searches a step size along it).
     """
 
     name: str
@@ -43,6 +46,7 @@ class CompleteConditional:
     neighbours: tuple[str, ...]
     sequential: bool
     model: ConjugateModel = dataclasses.field(repr=False)
+    nonconjugate: tuple[int, ...] = ()
 
     @property
     def stat_names(self) -> tuple[str, ...]:
@@ -58,7 +62,9 @@ class CompleteConditional:
             (*self.site.batch_shape, sum(self.model.stat_sizes(self.name))))
 
         def blanket(m: Array) -> Array:
-            return self.model.expected_terms({**mu, self.name: m}, data, self.terms)
+            everything = {**mu, self.name: m}
+            return (self.model.expected_terms(everything, data, self.terms)
+                    + self.model.expected_nonconjugate(everything, data, self.nonconjugate))
 
         return self.family.natural(jax.grad(blanket)(own))
 
@@ -91,9 +97,15 @@ def complete_conditionals(model: ConjugateModel) -> dict[str, CompleteConditiona
         for name in names:
             containing[name].append(index)
             blanket[name] |= names - {name}
+    nonconjugate: dict[str, list[int]] = {n: [] for n in model.sites}
+    for index, term in enumerate(model.nonconjugate):
+        for name in term.sites:
+            nonconjugate[name].append(index)
+            blanket[name] |= set(term.sites) - {name}
     return {name: CompleteConditional(
         name, site, model.families[name], tuple(containing[name]), tuple(sorted(blanket[name])),
-        bool(model.self_coupled[name] and site.batch_shape), model)
+        bool(model.self_coupled[name] and site.batch_shape and not nonconjugate[name]), model,
+        tuple(nonconjugate[name]))
         for name, site in model.sites.items()}
 
 

@@ -28,7 +28,7 @@ import dataclasses
 import inspect
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -44,9 +44,10 @@ from numpyro.infer.util import log_density
 from .. import families
 from ..family import ExponentialFamily, NaturalDomain
 from ..oracles import ExactOracle, QuadratureOracle
-from .algebra import Factor, Poly, Stat, Term, outer
+from .algebra import X_ATOM, Factor, Poly, Stat, Term, as_poly, outer
 from .cache import BoundedCache
 from .interpreter import REMEDY, NonConjugateError, describe, evaluate_in_numpy, trace_log_density
+from .nonconjugate import NonconjugateTerm, Nonlinear
 
 Array = jax.Array
 logger = logging.getLogger("numpyro_nnef")
@@ -315,6 +316,8 @@ class ConjugateModel:
     families: dict[str, SiteFamily]
     self_coupled: dict[str, bool]
     initial_values: dict[str, np.ndarray]  # one random point of every site's support
+    # sum_s w_s f(a_s) of a linear predictor a: expectations by Gauss-Hermite (nonconjugate.py)
+    nonconjugate: list[NonconjugateTerm] = dataclasses.field(default_factory=list)
 
     def site_stat_batch(self, name: str, elements: np.ndarray) -> np.ndarray:
         """The statistics of a batch of elements (N, *element_shape) -> (N, num_stats), in
@@ -354,7 +357,8 @@ class ConjugateModel:
         """The data-dependent constants: every term's operands, then the constant of log p. They
         are arguments (not constants) of the compiled CAVI loop, so new data of the same shapes
         reuses the compilation."""
-        return [a for t in self.terms for a, _ in t.operands] + [np.asarray(self.constant)]
+        return ([a for t in self.terms for a, _ in t.operands]
+                + [a for t in self.nonconjugate for a in t.data()] + [np.asarray(self.constant)])
 
     def signature(self) -> tuple:
         """Hashable structure: equal signatures give the same CAVI program (given ``data``)."""
@@ -364,14 +368,38 @@ class ConjugateModel:
                        tuple(st.name for st in self.stats[n])) for n, s in self.sites.items())
         fams = tuple((n, f.family.cache_key(), f.B.tobytes(), f.c.tobytes(), oracle_key(f.oracle))
                      for n, f in self.families.items())
-        return terms, sites, fams
+        return terms, sites, fams, tuple(t.structure() for t in self.nonconjugate)
 
     def expected_log_joint(self, mu: Mapping[str, Array],
                            data: list[Array] | None = None) -> Array:
         """E_q[log p(x)] from every site's expected statistics mu[site] (batch..., num_stats);
         ``data`` replaces ``self.data()`` (same shapes)."""
         data = self.data() if data is None else data
-        return jnp.asarray(data[-1]) + self.expected_terms(mu, data, range(len(self.terms)))
+        return (jnp.asarray(data[-1]) + self.expected_terms(mu, data, range(len(self.terms)))
+                + self.expected_nonconjugate(mu, data, range(len(self.nonconjugate))))
+
+    def expected_nonconjugate(self, mu: Mapping[str, Array], data: list[Array],
+                              indices: Iterable[int]) -> Array:
+        """The sum of the non-conjugate terms ``indices`` of E_q[log p]; ``mu`` needs only the
+        sites in their predictors."""
+        start = sum(len(t.operands) for t in self.terms)
+        starts = np.cumsum([start] + [len(t.data()) for t in self.nonconjugate])
+        total = jnp.zeros(())
+        for index in indices:
+            term = self.nonconjugate[index]
+            moments = {n: self.moments(n, mu[n]) for n in term.sites}
+            total = total + term.expected(moments, data[starts[index]:starts[index + 1]])
+        return total
+
+    def moments(self, name: str, mu: Array) -> tuple[Array, Array]:
+        """(E[x], Var[x]) per element of a site with scalar elements (site shape each), or
+        (E[x], Cov[x]) for vector elements (batch + (d,), batch + (d, d)), from its expected
+        statistics (which hold x and x^2, or x and x x^T)."""
+        parts = dict(zip((s.name for s in self.stats[name]), self.split(name, mu), strict=True))
+        mean = parts["x"]
+        if self.sites[name].element_shape:
+            return mean, parts["outer(x,x)"] - mean[..., :, None] * mean[..., None, :]
+        return mean, parts["x^2"] - mean**2
 
     def expected_terms(self, mu: Mapping[str, Array], data: list[Array],
                        indices: Iterable[int]) -> Array:
@@ -554,31 +582,42 @@ def analyse_model(
     except NonConjugateError as err:
         raise locate_non_conjugacy(model, args, kwargs, trace, values, draws,
                                    finite_supports(sites), err) from err
+    nonconjugate: list[NonconjugateTerm] = []
+    if isinstance(poly, Nonlinear):
+        by_predictor: dict[int, list] = {}
+        for t in poly.terms:
+            by_predictor.setdefault(id(t.arg), []).append(t)
+        nonconjugate = [NonconjugateTerm.of(ts) for ts in by_predictor.values()]
+        poly = as_poly(poly.poly, ())
+        check_predictor_sites(nonconjugate, sites)
     if not isinstance(poly, Poly):
         raise ValueError("the model's log density does not depend on its latent sites")
     scalar_sites = sites
     vector = event_elements(sites, poly, oracles)
     sites = {n: dataclasses.replace(s, element_shape=tuple(s.prior.event_shape)) if n in vector
              else s for n, s in sites.items()}
-    terms, stats, self_coupled = expand_terms(poly, sites)
+    terms, stats, self_coupled = expand_terms(poly, sites, nonconjugate)
     not_gaussian = {n for n in vector if n not in oracles and not gaussian_statistics(stats[n])}
     if not_gaussian:  # these events stay factorised into their scalar coordinates
         sites = {n: scalar_sites[n] if n in not_gaussian else s for n, s in sites.items()}
-        terms, stats, self_coupled = expand_terms(poly, sites)
+        terms, stats, self_coupled = expand_terms(poly, sites, nonconjugate)
     missing = [n for n, s in stats.items() if not s]
     if missing:
         raise ValueError(f"latent site(s) {missing} do not appear in the log density")
     model_ = ConjugateModel(sites, stats, terms, float(np.sum(poly.constant)), {}, self_coupled,
-                            values)
+                            values, nonconjugate)
     for name, site in sites.items():
         model_.families[name] = resolve_family(model_, site, draws[name], oracles.get(name))
     return model_
 
 
-def expand_terms(poly: Poly, sites: Mapping[str, LatentSite]
+def expand_terms(poly: Poly, sites: Mapping[str, LatentSite],
+                 nonconjugate: Sequence[NonconjugateTerm] = ()
                  ) -> tuple[list[ExpandedTerm], dict[str, list[Stat]], dict[str, bool]]:
     """(the multilinear terms of E_q[log p], every site's statistics, whether a term multiplies
-    two of a site's factors) for the elements that ``sites`` define."""
+    two of a site's factors) for the elements that ``sites`` define; a site in the predictor of
+    a non-conjugate term also gets the statistics of its mean and variance (x and x^2, or x and
+    x x^T for a vector element)."""
     stats: dict[str, list[Stat]] = {n: [] for n in sites}
 
     def stat_index(name: str, stat: Stat) -> int:
@@ -587,6 +626,10 @@ def expand_terms(poly: Poly, sites: Mapping[str, LatentSite]
         return stats[name].index(stat)
 
     terms = [e for term in poly.terms for e in _expand(term, sites, stat_index)]
+    x = Stat.of(X_ATOM)
+    for name in sorted({n for t in nonconjugate for n in t.sites}):
+        stat_index(name, x)
+        stat_index(name, outer(x, x) if sites[name].element_shape else Stat.of(X_ATOM, 2))
     self_coupled = dict.fromkeys(sites, False)
     for term in terms:
         names = [n for n, *_ in term.factors]
@@ -616,6 +659,19 @@ def event_elements(sites: Mapping[str, LatentSite], poly: Poly, oracles: Mapping
                for t in poly.terms for f, g in itertools.combinations(t.factors, 2)):
             out.add(name)
     return out
+
+
+def check_predictor_sites(nonconjugate: Sequence[NonconjugateTerm],
+                          sites: Mapping[str, LatentSite]) -> None:
+    """Non-conjugate terms need real-valued sites in their predictors (a Gaussian under q)."""
+    for term in nonconjugate:
+        bad = [n for n in term.sites if _base_constraint(sites[n].support) is not constraints.real]
+        if bad:
+            raise NonConjugateError(
+                f"the log joint is not conjugate in site(s) {bad}: it contains {term.words}, "
+                f"a non-conjugate term that CAVI handles only for sites with real support (a "
+                f"Gaussian linear predictor); {bad[0]!r} has support {sites[bad[0]].support}",
+                bad, term.words, term.words)
 
 
 GAUSSIAN_STATISTICS = frozenset({"x", "x^2", "outer(x,x)"})

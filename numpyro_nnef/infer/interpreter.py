@@ -33,6 +33,7 @@ import numpy as np
 import scipy.linalg
 from jax.extend import core as jcore
 
+from . import nonconjugate
 from .algebra import (
     ABS_ATOM,
     X_ATOM,
@@ -68,6 +69,7 @@ from .algebra import (
     single_site_function,
 )
 from .cache import BoundedCache
+from .nonconjugate import Nonlinear
 from .numpy_eval import (
     NUMPY_ELEMENTWISE_ALL,
     bind_constant,
@@ -100,8 +102,9 @@ class NonConjugateError(ValueError):
 REMEDY = ("CAVI needs a log joint that is multilinear in per-site statistics (sums of products "
           "of functions of single sites): a conjugate prior/likelihood pair for every latent "
           "site (e.g. Normal mean and Normal likelihood, Gamma precision and Normal likelihood, "
-          "Gamma rate and Poisson, Beta and Bernoulli(probs=...)). Non-conjugate factors (such "
-          "as logistic or log-link likelihoods) are planned but not supported yet.")
+          "Gamma rate and Poisson, Beta and Bernoulli(probs=...)); non-conjugate terms only as "
+          "elementwise functions of a linear predictor of real-valued sites (logistic, "
+          "Poisson-log or probit likelihoods of X @ w + b).")
 
 # primitives in the words a model's author would use for them
 PRIMITIVE_WORDS = {"exp": "exp", "expm1": "exp", "log": "log", "log1p": "log", "max": "max",
@@ -205,6 +208,11 @@ class Interpreter:
             return v.draws
         if isinstance(v, Switch):
             v = self.expand(v)
+        if isinstance(v, Nonlinear):
+            total = self.sampled(v.poly)
+            for t in v.terms:
+                total = total + t.on_draws(self.sampled(t.arg))
+            return total
         if not isinstance(v, Poly):
             return np.broadcast_to(np.asarray(v), (num, *np.shape(v)))
         if id(v) not in self._sampled:  # support checks often test one value several times
@@ -271,8 +279,18 @@ class Interpreter:
         """The equation's outputs (the steps are in the module docstring)."""
         if eqn.primitive.name in CALLS:
             return self.run(inner_jaxpr(eqn.params), ins)
-        if not any(isinstance(x, (Poly, SampledBool, Switch)) for x in ins):
+        if not any(isinstance(x, (Poly, SampledBool, Switch, Nonlinear)) for x in ins):
             return bind_constant(eqn, ins)
+        shape = tuple(eqn.outvars[0].aval.shape)
+        if any(isinstance(x, Nonlinear) for x in ins):
+            return [nonconjugate.apply(self, eqn, ins, shape)]
+        if (len(eqn.outvars) == 1 and eqn.outvars[0].aval.dtype != np.bool_
+                and not any(isinstance(x, (Poly, Switch)) for x in ins)):
+            # arithmetic on site-dependent booleans (Bernoulli's guard against infinite
+            # logits): known on the draws, a constant when the same on every draw
+            values = self.on_draws(eqn, self.sampled_inputs(eqn, ins))
+            same = np.all((values == values[:1]) | (np.isnan(values) & np.isnan(values[:1])))
+            return [values[0] if same else SampledBool(values)]
         if any(isinstance(x, Switch) for x in ins):
             by_cases = self.casewise(eqn, ins)
             if by_cases is not None:
@@ -280,7 +298,14 @@ class Interpreter:
             ins = [self.expand(x) if isinstance(x, Switch) else x for x in ins]
             if not any(isinstance(x, (Poly, SampledBool)) for x in ins):
                 return bind_constant(eqn, ins)
-        return [rule_of(eqn)(self, eqn, ins, tuple(eqn.outvars[0].aval.shape))]
+        try:
+            return [rule_of(eqn)(self, eqn, ins, shape)]
+        except NonConjugateError:
+            # an elementwise function of a linear predictor: kept as a non-conjugate term
+            kept = nonconjugate.start(self, eqn, ins, shape, describe)
+            if kept is None:
+                raise
+            return [kept]
 
     def casewise(self, eqn: Eqn, ins: list[Value]) -> Switch | None:
         """The equation on Switch inputs kept by cases: a ``CASEWISE`` primitive of switches of
@@ -590,8 +615,10 @@ def transparent_rule(it: Interpreter, eqn: Eqn, ins: list[Value], shape: Shape) 
 
 @rule(*COMPARISONS, *LOGICAL)
 def boolean_rule(it: Interpreter, eqn: Eqn, ins: list[Value], shape: Shape) -> Value:
-    """A site-dependent boolean: the equation on every draw of its inputs."""
-    return SampledBool(it.on_draws(eqn, it.sampled_inputs(eqn, ins)))
+    """A site-dependent boolean: the equation on every draw of its inputs (with its recipe
+    when it is a function of one linear predictor)."""
+    return SampledBool(it.on_draws(eqn, it.sampled_inputs(eqn, ins)),
+                       nonconjugate.recipe(it, eqn, ins, shape))
 
 
 @rule("select_n")
@@ -853,8 +880,9 @@ def trace_log_density(
     finite_supports: Mapping[str, np.ndarray] | None = None,
     data: Sequence[np.ndarray] = (),
     cache_key: Any = None,
-) -> Poly | np.ndarray:
-    """The multilinear form of ``log_density(data, sites)`` (a scalar function of the data
+) -> Poly | Nonlinear | np.ndarray:
+    """The multilinear form of ``log_density(data, sites)`` (with non-conjugate terms: a
+    Nonlinear) (a scalar function of the data
     arrays and of named site values).
 
     ``sites`` gives each site's value (for shapes and tracing), ``draws`` M random values of each
@@ -879,7 +907,10 @@ def trace_log_density(
         if cache_key is not None:
             _JAXPRS.put(cache_key, closed)
     inputs = [Poly.site(n, tuple(np.shape(sites[n]))) for n in names]
-    (out,) = Interpreter(draws, finite_supports).run(closed, [*data, *inputs])
+    interpreter = Interpreter(draws, finite_supports)
+    (out,) = interpreter.run(closed, [*data, *inputs])
+    if isinstance(out, Nonlinear):
+        return nonconjugate.shared_predictors(interpreter, out)
     return out.expand() if isinstance(out, Switch) else out
 
 

@@ -84,9 +84,35 @@ def cavi_kernel(model: ConjugateModel, damping: float = 0.0) -> CAVIKernel:
                               log_partition=put(state.log_partition, log_z),
                               ok={**state.ok, name: state.ok[name] & ok})
 
+    def searched(name: str, data: list[Array], state: CAVIState, first: Array) -> CAVIState:
+        """A site with non-conjugate terms: eta <- (1 - rho) eta + rho eta_KM (Knowles-Minka
+        message eta_KM), the first rho of 1, 1/2, 1/4, ... whose factor is proper and whose
+        ELBO is not lower (conjugate-computation VI's step, Khan & Lin 2017); rho = 1 in the
+        first sweep; the state unchanged when no rho is."""
+        target = conditionals[name].natural(state.mu, data)
+        before = elbo(data, state)
+        slack = ELBO_SLACK * jnp.maximum(1.0, jnp.abs(before))
+
+        def candidate(rho):
+            eta = jnp.where(first, target, (1 - rho) * state.eta[name] + rho * target)
+            new = assign(name, state, eta)
+            return new, new.ok[name] & (first | (elbo(data, new) >= before - slack))
+
+        def search(carry):
+            rho, _ = carry
+            return rho / 2, candidate(rho / 2)[1]
+
+        rho, accepted = jax.lax.while_loop(
+            lambda c: ~c[1] & (c[0] > MIN_STEP), search, (jnp.asarray(1.0), candidate(1.0)[1]))
+        new = candidate(rho)[0]
+        return jax.tree.map(lambda a, b: jnp.where(accepted, a, b), new, state)
+
     def step(data: list[Array], state: CAVIState) -> CAVIState:
         first = ~jnp.isfinite(state.elbo)
         for name, cond in conditionals.items():
+            if cond.nonconjugate:
+                state = searched(name, data, state, first)
+                continue
             if not cond.sequential:
                 eta = damped(name, cond.natural(state.mu, data), state, first)
                 state = assign(name, state, eta)
@@ -108,3 +134,7 @@ def cavi_kernel(model: ConjugateModel, damping: float = 0.0) -> CAVIKernel:
         return total
 
     return CAVIKernel(init, step, elbo, conditionals)
+
+
+MIN_STEP = 2.0**-10  # the smallest step size the search of a non-conjugate site tries
+ELBO_SLACK = 1e-12   # relative rounding allowed in "the ELBO is not lower"

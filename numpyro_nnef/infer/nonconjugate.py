@@ -1,0 +1,455 @@
+"""Non-conjugate terms: sum_s w_s f(a_s), f elementwise, a an affine function of the sites (a
+linear predictor X @ w + b), kept as terms of the log joint instead of refused, and their
+expectations under mean field.
+
+During the analysis a value that holds such terms is a :class:`Nonlinear`: a multilinear part
+plus terms ``weight * f(arg)`` summed over some axes. Elementwise functions of one predictor
+compose (softplus is max(a, 0) + log1p(exp(-|a|)), four primitives, one f), linear maps
+(sums, scalings by constants, masks, reshapes) act on the weights, anything else is refused.
+
+Under q the predictor's entries are sums of independent elements; E_q f(a) is taken with
+a ~ N(m, v), m = a(E[x]), v = sum_j J_j^T Cov[x_j] J_j (J = da/dx_j): exact when the sites in a
+have Gaussian factors, a moment-matched Gaussian otherwise. Gauss-Hermite quadrature gives E f
+and, by Bonnet's and Price's theorems, dE/dm = E f'(a) and dE/dv = E f''(a) / 2: deterministic
+expectations, so the ELBO and its natural-gradient messages (Knowles & Minka 2011) are exact up
+to the quadrature's error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .algebra import X_ATOM, Poly, SampledBool, Stat, Term, Value, add, multiply, negate
+
+Array = jax.Array
+
+__all__ = ["Nonlinear", "NonlinearTerm", "NonconjugateTerm", "gaussian_expectation",
+           "GAUSS_HERMITE_NODES"]
+
+GAUSS_HERMITE_NODES = 32
+_NODES, _WEIGHTS = np.polynomial.hermite.hermgauss(GAUSS_HERMITE_NODES)
+_WEIGHTS = _WEIGHTS / np.sqrt(np.pi)
+_NODES = _NODES * np.sqrt(2.0)  # E f(m + sqrt(v) z), z ~ N(0, 1): sum_k w_k f(m + sqrt(v) t_k)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NonlinearTerm:
+    """sum over the axes not in ``kept`` of weight * fn(arg): ``fn`` elementwise on arrays of
+    ``arg.shape``, ``arg`` affine in the sites; ``key`` says what fn is (primitives, parameters,
+    constants), ``words`` in words."""
+
+    fn: Callable[[Array], Array]
+    arg: Poly
+    weight: np.ndarray
+    kept: tuple[int, ...]
+    key: tuple
+    words: str
+
+    @property
+    def unreduced(self) -> bool:
+        return self.kept == tuple(range(len(self.arg.shape)))
+
+    def scaled(self, c: np.ndarray) -> NonlinearTerm:
+        """The term times a constant ``c`` of its output's shape (broadcast over summed axes)."""
+        shape = self.arg.shape
+        c = np.asarray(c, dtype=np.float64)
+        c = np.broadcast_to(c, tuple(shape[k] for k in self.kept)) if c.ndim else c
+        if c.ndim:
+            c = c.reshape([shape[k] if k in self.kept else 1 for k in range(len(shape))])
+        return dataclasses.replace(self, weight=self.weight * c)
+
+    def on_draws(self, draws: np.ndarray) -> np.ndarray:
+        """The term at draws of its predictor, (M,) + arg.shape -> (M,) + output shape."""
+        values = self.weight * np.asarray(jax.vmap(self.fn)(jnp.asarray(draws)))
+        summed = tuple(k + 1 for k in range(len(self.arg.shape)) if k not in self.kept)
+        return values.sum(axis=summed)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Nonlinear:
+    """A site-dependent value poly + sum_k terms[k] (shape ``shape``)."""
+
+    shape: tuple[int, ...]
+    poly: Value
+    terms: tuple[NonlinearTerm, ...]
+
+    def sites(self) -> set[str]:
+        out = self.poly.sites() if isinstance(self.poly, Poly) else set()
+        return out.union(*(t.arg.sites() for t in self.terms))
+
+    def at(self, values: Mapping[str, Array]) -> Array:
+        """The value at concrete site values."""
+        total = self.poly.at(values) if isinstance(self.poly, Poly) else jnp.asarray(self.poly)
+        for t in self.terms:
+            total = total + jnp.asarray(t.on_draws(np.asarray(t.arg.at(values))[None])[0])
+        return total
+
+
+def affine(p: Poly) -> bool:
+    """Whether every term of ``p`` is a constant or a linear function of one site's value."""
+    return all(len(t.factors) <= 1 and all(f.stat == Stat.of(X_ATOM) for f in t.factors)
+               for t in p.terms)
+
+
+def start(it: Any, eqn: Any, ins: Sequence[Value], shape: tuple[int, ...], describe: Callable
+          ) -> Nonlinear | None:
+    """f(a) for an elementwise primitive whose site-dependent inputs are one affine predictor
+    ``a`` (or comparisons of it) and constants; None when the equation is not of that kind."""
+    if not np.issubdtype(eqn.outvars[0].aval.dtype, np.floating):
+        return None
+    found = recipe(it, eqn, list(ins), shape)
+    if found is None:
+        return None
+    fn, key, arg = found
+    words = f"{eqn.primitive.name} of {describe([arg])}"
+    term = NonlinearTerm(fn, arg, np.ones(shape), tuple(range(len(shape))), key, words)
+    return Nonlinear(shape, np.zeros(shape), (term,))
+
+
+def _elementwise(eqn: Any, ins: Sequence[Value], shape: tuple[int, ...]) -> bool:
+    return all(tuple(np.shape(x) if not isinstance(x, (Poly, Nonlinear)) else x.shape)
+               in ((), shape) for x in ins) and all(
+        tuple(v.aval.shape) in ((), shape) for v in eqn.invars)
+
+
+def _bind_one(eqn: Any, ins: Sequence[Value], pieces: Mapping[int, tuple[Callable, tuple]]
+              ) -> tuple[Callable[[Array], Array], tuple]:
+    """t -> eqn(inputs), with input k replaced by pieces[k][0](t) and the others constants."""
+    prim, params = eqn.primitive, eqn.params
+    consts = {k: np.asarray(x) for k, x in enumerate(ins) if k not in pieces}
+
+    def fn(t: Array) -> Array:
+        args = []
+        for k, v in enumerate(eqn.invars):
+            if k in pieces:
+                value = pieces[k][0](t)
+            else:
+                value = jnp.asarray(consts[k], dtype=v.aval.dtype if not np.issubdtype(
+                    v.aval.dtype, np.floating) else t.dtype)
+            args.append(jnp.broadcast_to(value, t.shape) if jnp.ndim(value) < t.ndim
+                        else value)
+        return prim.bind(*args, **params)
+
+    key = (prim.name, repr(sorted(params.items(), key=lambda kv: kv[0])),
+           tuple(pieces[k][1] if k in pieces else (consts[k].shape, consts[k].tobytes())
+                 for k in range(len(ins))))
+    return fn, key
+
+
+# ----------------------------------------------------------------------------- operations
+
+
+LINEAR = {"add", "add_any", "sub", "neg", "mul", "div", "reduce_sum", "select_n",
+          "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose"}
+TRANSPARENT = {"convert_element_type", "stop_gradient", "optimization_barrier", "copy",
+               "copy_p", "reduce_precision"}
+
+
+def apply(it: Any, eqn: Any, ins: list[Value], shape: tuple[int, ...]) -> Value:
+    """An equation with a Nonlinear input: a linear map acts on its parts, an elementwise
+    function of one predictor composes with its f; anything else is refused."""
+    name = eqn.primitive.name
+    if name in TRANSPARENT:
+        return ins[0]
+    if eqn.outvars[0].aval.dtype == np.bool_:
+        return SampledBool(it.on_draws(eqn, it.sampled_inputs(eqn, ins)),
+                           recipe(it, eqn, ins, shape))
+    linear = _linear(it, eqn, ins, shape) if name in LINEAR else None
+    if linear is not None:
+        return linear
+    composed = _compose(it, eqn, ins, shape)
+    if composed is not None:
+        return composed
+    terms = [t for x in ins if isinstance(x, Nonlinear) for t in x.terms]
+    sites = set().union(*(x.sites() for x in ins if isinstance(x, (Poly, Nonlinear))))
+    raise it.error(sites, f"{name} is applied to {terms[0].words}, which CAVI keeps only as a "
+                          "term of the log joint (sums, constant multiples, masks)",
+                   f"{name} of {terms[0].words}")
+
+
+def _parts(x: Value, shape: tuple[int, ...]) -> tuple[Value, tuple[NonlinearTerm, ...]]:
+    if isinstance(x, Nonlinear):
+        return x.poly, x.terms
+    return x, ()
+
+
+def _make(shape: tuple[int, ...], poly: Value, terms: Sequence[NonlinearTerm]) -> Value:
+    return Nonlinear(shape, poly, tuple(terms)) if terms else poly
+
+
+def _linear(it: Any, eqn: Any, ins: list[Value], shape: tuple[int, ...]) -> Value | None:
+    name = eqn.primitive.name
+    if name in ("add", "add_any", "sub"):
+        (pa, ta), (pb, tb) = _parts(ins[0], shape), _parts(ins[1], shape)
+        if name == "sub":
+            pb, tb = negate(pb), tuple(t.scaled(-1.0) for t in tb)
+        return _make(shape, add(pa, pb, shape), ta + tb)
+    if name == "neg":
+        p, ts = _parts(ins[0], shape)
+        return _make(shape, negate(p), [t.scaled(-1.0) for t in ts])
+    if name in ("mul", "div"):
+        constant = [k for k, x in enumerate(ins) if not isinstance(x, (Poly, Nonlinear,
+                                                                         SampledBool))]
+        if not constant or (name == "div" and constant != [1]):
+            return None
+        c = np.broadcast_to(np.asarray(ins[constant[0]], dtype=np.float64), shape)
+        c = 1.0 / c if name == "div" else c
+        p, ts = _parts(ins[1 - constant[0]], shape)
+        return _make(shape, multiply(p, c, shape), [t.scaled(c) for t in ts])
+    if name == "select_n":
+        return _select(it, eqn, ins, shape)
+    if name == "reduce_sum":
+        axes = tuple(eqn.params["axes"])
+        p, ts = _parts(ins[0], shape)
+        p = it.apply(eqn, [p])[0]
+        out = [dataclasses.replace(t, kept=tuple(k for i, k in enumerate(t.kept)
+                                                 if i not in axes)) for t in ts]
+        return _make(shape, p, out)
+    # rearrangements: on the predictor and the weight of unreduced terms
+    p, ts = _parts(ins[0], shape)
+    if len(ins) != 1 or not all(t.unreduced for t in ts):
+        return None
+    out = []
+    for t in ts:
+        arg = it.apply(eqn, [t.arg])[0]
+        weight = np.asarray(it.apply(eqn, [t.weight])[0])
+        if not isinstance(arg, Poly):
+            return None
+        out.append(dataclasses.replace(t, arg=arg, weight=np.broadcast_to(weight, shape),
+                                       kept=tuple(range(len(shape)))))
+    return _make(shape, it.apply(eqn, [p])[0], out)
+
+
+def _select(it: Any, eqn: Any, ins: list[Value], shape: tuple[int, ...]) -> Value | None:
+    """cases[pred] = sum_k 1{pred = k} cases[k] for a predicate that is constant (or the same
+    on every draw)."""
+    pred, cases = ins[0], ins[1:]
+    if isinstance(pred, SampledBool):
+        if not np.all(pred.draws == pred.draws[:1]):
+            return None  # composed, when the predicate has a recipe
+        pred = pred.draws[0]
+    if isinstance(pred, (Poly, Nonlinear)):
+        return None
+    pred = np.broadcast_to(np.asarray(pred).astype(np.int64), shape)
+    total: Value = np.zeros(shape)
+    terms: list[NonlinearTerm] = []
+    for k, case in enumerate(cases):
+        mask = (pred == k).astype(np.float64)
+        if not mask.any():
+            continue
+        if mask.all():
+            return case
+        p, ts = _parts(case, shape)
+        total = add(total, multiply(p, mask, shape), shape)
+        terms += [t.scaled(mask) for t in ts]
+    return _make(shape, total, terms)
+
+
+def recipe(it: Any, eqn: Any, ins: list[Value], shape: tuple[int, ...]
+           ) -> tuple[Callable[[Array], Array], tuple, Poly] | None:
+    """(g o f, key, a) when the equation g is elementwise and its site-dependent inputs are
+    elementwise functions of one linear predictor a; else None."""
+    if len(eqn.outvars) != 1 or not _elementwise(eqn, ins, shape):
+        return None
+    pieces: dict[int, tuple[Callable, tuple]] = {}
+    arg: Poly | None = None
+    for k, x in enumerate(ins):
+        if not isinstance(x, (Poly, Nonlinear, SampledBool)):
+            if not isinstance(x, (np.ndarray, np.generic, float, int, bool)):
+                return None  # a Switch (a value by cases of a discrete site)
+            continue
+        single = _as_single(it, x, shape)
+        if single is None:
+            return None
+        fn, key, a = single
+        if arg is not None and not _same(it, arg, a):
+            return None
+        arg = arg if arg is not None else a
+        pieces[k] = (fn, key)
+    if arg is None:
+        return None
+    fn, key = _bind_one(eqn, ins, pieces)
+    return fn, key, arg
+
+
+def _compose(it: Any, eqn: Any, ins: list[Value], shape: tuple[int, ...]) -> Value | None:
+    """g(f_1(a), ..., constants) = (g o f)(a) for an elementwise primitive g whose
+    site-dependent inputs are elementwise functions of one predictor a."""
+    found = recipe(it, eqn, ins, shape)
+    if found is None:
+        return None
+    fn, key, arg = found
+    words = next(t.words for x in ins if isinstance(x, Nonlinear) for t in x.terms)
+    term = NonlinearTerm(fn, arg, np.ones(shape), tuple(range(len(shape))), key,
+                         f"{eqn.primitive.name} of {words}")
+    return Nonlinear(shape, np.zeros(shape), (term,))
+
+
+def _as_single(it: Any, x: Value, shape: tuple[int, ...]
+               ) -> tuple[Callable[[Array], Array], tuple, Poly] | None:
+    """x as (f, key, a) with x = f(a) elementwise: an affine Poly is a = x, f = identity; a
+    Nonlinear whose terms are unreduced functions of one predictor a, plus a constant or a
+    itself, is f = sum_k w_k f_k + (constant or identity); a SampledBool is its recipe."""
+    if isinstance(x, SampledBool):
+        return x.recipe if x.shape == shape else None
+    if isinstance(x, Poly):
+        return (lambda t: t, ("x",), x) if affine(x) and x.shape == shape else None
+    if not x.terms or not all(t.unreduced for t in x.terms):
+        return None
+    if (len(x.terms) == 1 and not isinstance(x.poly, Poly) and not np.any(x.poly)
+            and np.all(x.terms[0].weight == 1)):
+        return x.terms[0].fn, x.terms[0].key, x.terms[0].arg  # keeps fn's dtype (booleans)
+    arg = x.terms[0].arg
+    if not all(_same(it, arg, t.arg) for t in x.terms[1:]):
+        return None
+    if isinstance(x.poly, Poly):
+        if not _same(it, arg, x.poly):
+            return None
+        plus, plus_key = (lambda t: t), ("x",)
+    else:
+        c = np.broadcast_to(np.asarray(x.poly, dtype=np.float64), shape)
+        plus, plus_key = (lambda t: jnp.asarray(c, t.dtype)), (c.tobytes(),)
+    terms = x.terms
+
+    def fn(t: Array) -> Array:
+        total = plus(t)
+        for term in terms:
+            total = total + jnp.asarray(term.weight, t.dtype) * term.fn(t)
+        return total
+
+    key = ("sum", plus_key, tuple((t.key, t.weight.tobytes()) for t in terms))
+    return fn, key, arg
+
+
+def _same(it: Any, a: Poly, b: Poly) -> bool:
+    """Whether two predictors are one (the same object, or equal on the analysis' draws)."""
+    if a is b:
+        return True
+    if a.shape != b.shape or a.sites() != b.sites():
+        return False
+    return bool(np.allclose(it.sampled(a), it.sampled(b), rtol=1e-12, atol=1e-12))
+
+
+# ----------------------------------------------------------------------------- expectations
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def gaussian_expectation(fn: Callable[[Array], Array], m: Array, v: Array) -> Array:
+    """E f(a) for a ~ N(m, v) elementwise (Gauss-Hermite, GAUSS_HERMITE_NODES nodes); its
+    derivatives are dE/dm = E f'(a), dE/dv = E f''(a) / 2 (Bonnet, Price)."""
+    return _expect(fn, m, v)
+
+
+def _expect(fn: Callable[[Array], Array], m: Array, v: Array) -> Array:
+    nodes = jnp.asarray(_NODES, m.dtype).reshape((-1,) + (1,) * m.ndim)
+    weights = jnp.asarray(_WEIGHTS, m.dtype).reshape((-1,) + (1,) * m.ndim)
+    points = m + jnp.sqrt(jnp.maximum(v, 0.0)) * nodes
+    return jnp.sum(weights * jax.vmap(fn)(points), axis=0)
+
+
+@gaussian_expectation.defjvp
+def _gaussian_expectation_jvp(fn, primals, tangents):
+    m, v = primals
+    dm, dv = tangents
+
+    def first(t):
+        return jax.jvp(fn, (t,), (jnp.ones_like(t),))[1]
+
+    def second(t):
+        return jax.jvp(first, (t,), (jnp.ones_like(t),))[1]
+
+    return (_expect(fn, m, v),
+            _expect(first, m, v) * dm + 0.5 * _expect(second, m, v) * dv)
+
+
+def shared_predictors(it: Any, value: Nonlinear) -> Nonlinear:
+    """``value`` with one predictor object for terms whose predictors are equal (the terms of one
+    likelihood: softplus(a) and y a), so the analysis groups them."""
+    found: list[Poly] = []
+    terms = []
+    for t in value.terms:
+        same = next((a for a in found if _same(it, a, t.arg)), None)
+        if same is None:
+            found.append(t.arg)
+        terms.append(t if same is None else dataclasses.replace(t, arg=same))
+    return Nonlinear(value.shape, value.poly, tuple(terms))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NonconjugateTerm:
+    """sum_k sum_s weight_ks f_k(a_s) in the mean-field model, one predictor a = the einsum
+    ``arg_terms`` of the sites' values plus a constant. Its arrays (weights, the predictor's
+    constant and operands) are data: arguments of the compiled CAVI program."""
+
+    fns: tuple[Callable[[Array], Array], ...]
+    keys: tuple[tuple, ...]
+    words: str
+    shape: tuple[int, ...]
+    weight: np.ndarray  # (len(fns), *shape)
+    constant: np.ndarray
+    arg_terms: tuple[Term, ...]
+
+    @classmethod
+    def of(cls, terms: Sequence[NonlinearTerm]) -> NonconjugateTerm:
+        """The terms (fully summed, one predictor) as one."""
+        arg = terms[0].arg
+        weight = np.stack([np.broadcast_to(t.weight, arg.shape) for t in terms])
+        words = max((t.words for t in terms), key=len)
+        return cls(tuple(t.fn for t in terms), tuple(t.key for t in terms), words,
+                   tuple(arg.shape), weight, np.broadcast_to(arg.constant, arg.shape).copy(),
+                   tuple(arg.terms))
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return tuple(sorted({f.site for t in self.arg_terms for f in t.factors}))
+
+    def data(self) -> list[np.ndarray]:
+        return [self.weight, self.constant] + [a for t in self.arg_terms for a, _ in t.operands]
+
+    def structure(self) -> tuple:
+        return (self.keys, self.shape, tuple((tuple((a.shape, lab) for a, lab in t.operands),
+                                              t.factors, t.out) for t in self.arg_terms))
+
+    def predictor(self, values: Mapping[str, Array], data: Sequence[Array]) -> Array:
+        """a at site values ``values`` (each of the site's shape), with this term's ``data``."""
+        total = jnp.asarray(data[1])
+        position = 2
+        for t in self.arg_terms:
+            ops = tuple((data[position + i], lab) for i, (_, lab) in enumerate(t.operands))
+            position += len(t.operands)
+            total = total + Term(ops, t.factors, t.out).evaluate(
+                lambda f: values[f.site], self.shape)
+        return total
+
+    def expected(self, moments: Mapping[str, tuple[Array, Array]], data: Sequence[Array]
+                 ) -> Array:
+        """E_q of the term from each site's (E[x], Var[x]) (elementwise, site shape) or
+        (E[x], Cov[x]) (vector elements: batch + (d,), batch + (d, d))."""
+        means = {n: m for n, (m, _) in moments.items()}
+        m = self.predictor(means, data)
+        v = jnp.zeros(self.shape, m.dtype)
+        fixed = {n: jax.lax.stop_gradient(x) for n, x in means.items()}
+        for name in self.sites:
+            mean, spread = moments[name]
+            jac = jax.jacfwd(lambda x, name=name: self.predictor({**fixed, name: x}, data))(
+                fixed[name])
+            if spread.ndim == mean.ndim:  # scalar elements: Var per element
+                axes = tuple(range(len(self.shape), jac.ndim))
+                v = v + jnp.sum(jac**2 * spread, axis=axes)
+            else:
+                d = mean.shape[-1]
+                jac = jac.reshape((*self.shape, -1, d))
+                v = v + jnp.einsum("...bi,bij,...bj->...", jac, spread.reshape((-1, d, d)), jac)
+        weight = jnp.asarray(data[0])
+        return sum(jnp.sum(weight[k] * gaussian_expectation(fn, m, v))
+                   for k, fn in enumerate(self.fns))
