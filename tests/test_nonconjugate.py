@@ -209,3 +209,58 @@ def test_a_predictor_of_a_positive_site_is_refused_naming_its_support():
     X, y = make_data("logistic", n=10)
     with pytest.raises(nnef.NonConjugateError, match=r"\['w'\].*only for sites with real support"):
         nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, X, y)
+
+
+def hierarchical_logistic(group, X, y, num_groups):
+    mu_a = numpyro.sample("mu_a", dist.Normal(0.0, 2.0))
+    sigma_a = numpyro.sample("sigma_a", dist.HalfNormal(1.0))
+    with numpyro.plate("g", num_groups):
+        a = numpyro.sample("a", dist.Normal(mu_a, sigma_a))
+    with numpyro.plate("p", X.shape[1]):
+        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
+    with numpyro.plate("n", len(y)):
+        numpyro.sample("y", dist.Bernoulli(logits=a[group] + X @ w), obs=y)
+
+
+def test_hierarchical_logistic_reaches_its_fixed_point():
+    """Random intercepts a_g ~ N(mu_a, sigma_a) (an indexed predictor a[group] + X w), sigma_a
+    HalfNormal (an automatic quadrature family): the ELBO's gradient in every Gaussian factor's
+    mean and variance, computed in numpy from the other factors' moments, is zero."""
+    rng = np.random.default_rng(3)
+    num_groups, n = 5, 80
+    group = rng.integers(0, num_groups, n)
+    X = rng.normal(size=(n, 2))
+    logits = rng.normal(0.5, 0.8, num_groups)[group] + X @ np.array([1.0, -0.5])
+    y = (rng.uniform(size=n) < sp.expit(logits)).astype(float)
+    guide = nnef.CAVIGuide(hierarchical_logistic)
+    result = nnef.CAVI(hierarchical_logistic, guide, tol=1e-13).run(
+        jax.random.key(0), 500, group, X, y, num_groups, progress_bar=False)
+    assert result.converged
+    assert result.check_elbo(jax.random.key(1), 4000).passed()
+    m_a, v_a = gaussian_moments(result, guide, "a")
+    m_w, v_w = gaussian_moments(result, guide, "w")
+    mean_mu, _ = gaussian_moments(result, guide, "mu_a")
+    sigma = guide.conjugate.families["sigma_a"].family
+    precision = float(result.state.mean["sigma_a"][sigma.stat_labels.index("x^-2")])
+    t, weights = np.polynomial.hermite.hermgauss(120)
+    alpha = m_a[group] + X @ m_w
+    nodes = alpha[:, None] + np.sqrt(2 * (v_a[group] + X**2 @ v_w))[:, None] * t[None]
+    _, first, second = _logistic_derivatives(y[:, None], nodes)
+    e1, e2 = (first * weights).sum(1) / np.sqrt(np.pi), (second * weights).sum(1) / np.sqrt(np.pi)
+    by_group = np.eye(num_groups)[group]  # (n, G)
+    d_mean_a = -precision * (m_a - float(mean_mu)) + by_group.T @ e1
+    d_var_a = -0.5 * precision + 0.5 * by_group.T @ e2 + 0.5 / v_a
+    d_mean_w = -m_w + X.T @ e1
+    d_var_w = -0.5 + 0.5 * (X**2).T @ e2 + 0.5 / v_w
+    for d_mean, d_var, v in ((d_mean_a, d_var_a, v_a), (d_mean_w, d_var_w, v_w)):
+        assert np.all(np.abs(d_mean) * np.sqrt(v) < 1e-5), d_mean
+        assert np.all(np.abs(d_var) * v < 1e-5), d_var
+
+
+def test_another_analysis_key_reuses_the_compiled_program():
+    """Two analyses of the same model and data (other random probe draws) have one signature,
+    so a second run does not compile again."""
+    X, y = make_data("logistic", n=20)
+    guide = nnef.CAVIGuide(logistic)
+    first = guide.analyse(X, y, key=jax.random.key(0)).signature()
+    assert guide.analyse(X, y, key=jax.random.key(1)).signature() == first

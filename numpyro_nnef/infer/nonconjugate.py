@@ -417,8 +417,15 @@ class NonconjugateTerm:
         return [self.weight, self.constant] + [a for t in self.arg_terms for a, _ in t.operands]
 
     def structure(self) -> tuple:
-        return (self.keys, self.shape, tuple((tuple((a.shape, lab) for a, lab in t.operands),
-                                              t.factors, t.out) for t in self.arg_terms))
+        """Hashable: equal for equal terms of two analyses (labels renumbered in order)."""
+        terms = []
+        for t in self.arg_terms:
+            order = {lab: k for k, lab in enumerate(dict.fromkeys(
+                [i for _, lab in t.operands for i in lab] + [i for f in t.factors
+                                                             for i in f.labels] + list(t.out)))}
+            t = t.relabel(order)
+            terms.append((tuple((a.shape, lab) for a, lab in t.operands), t.factors, t.out))
+        return self.keys, self.shape, tuple(terms)
 
     def predictor(self, values: Mapping[str, Array], data: Sequence[Array]) -> Array:
         """a at site values ``values`` (each of the site's shape), with this term's ``data``."""
