@@ -6,6 +6,9 @@ the exact posterior by grid quadrature where it is 2-d, and by the ELBO's Monte 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +20,10 @@ import scipy.special as sp
 import numpyro_nnef as nnef
 from numpyro_nnef.infer.interpreter import trace_log_density
 from numpyro_nnef.infer.nonconjugate import Nonlinear, gaussian_expectation
+
+# the benchmark's textbook model, as its source writes it
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from textbook import hierarchical_logistic  # noqa: E402
 
 PRIOR_SD = 1.5
 
@@ -209,17 +216,6 @@ def test_a_predictor_of_a_positive_site_is_refused_naming_its_support():
     X, y = make_data("logistic", n=10)
     with pytest.raises(nnef.NonConjugateError, match=r"\['w'\].*only for sites with real support"):
         nnef.CAVI(model, nnef.CAVIGuide(model)).run(jax.random.key(0), 5, X, y)
-
-
-def hierarchical_logistic(group, X, y, num_groups):
-    mu_a = numpyro.sample("mu_a", dist.Normal(0.0, 2.0))
-    sigma_a = numpyro.sample("sigma_a", dist.HalfNormal(1.0))
-    with numpyro.plate("g", num_groups):
-        a = numpyro.sample("a", dist.Normal(mu_a, sigma_a))
-    with numpyro.plate("p", X.shape[1]):
-        w = numpyro.sample("w", dist.Normal(0.0, 1.0))
-    with numpyro.plate("n", len(y)):
-        numpyro.sample("y", dist.Bernoulli(logits=a[group] + X @ w), obs=y)
 
 
 def test_hierarchical_logistic_reaches_its_fixed_point():
