@@ -260,3 +260,18 @@ def test_another_analysis_key_reuses_the_compiled_program():
     guide = nnef.CAVIGuide(logistic)
     first = guide.analyse(X, y, key=jax.random.key(0)).signature()
     assert guide.analyse(X, y, key=jax.random.key(1)).signature() == first
+
+
+def test_a_step_search_that_finds_no_step_warns(monkeypatch):
+    """When no step size keeps the ELBO from falling (forced here by demanding an increase of
+    1e9 per step), the site keeps its factor, the run stops, and a warning names the site."""
+    from numpyro_nnef.infer import kernel
+
+    monkeypatch.setattr(kernel, "ELBO_SLACK", -1e9)
+    X, y = make_data("logistic", n=13)  # a shape no other test compiles
+    guide = nnef.CAVIGuide(logistic)
+    with pytest.warns(RuntimeWarning, match=r"step search of site\(s\) \['w'\].*found no step"):
+        result = nnef.CAVI(logistic, guide, damping=0.25).run(jax.random.key(0), 20, X, y,
+                                                               progress_bar=False)
+    assert np.all(np.isfinite(result.elbo))
+    assert result.num_steps == 2  # the first sweep moves, the second finds nothing

@@ -24,7 +24,7 @@ from ..oracles import QuadratureOracle
 from .cache import BoundedCache
 from .conditional import CompleteConditional, complete_conditionals
 from .conjugacy import ConjugateModel, analyse_model
-from .kernel import CAVIKernel, CAVIState, cavi_kernel
+from .kernel import MIN_STEP, CAVIKernel, CAVIState, cavi_kernel
 
 Array = jax.Array
 
@@ -428,6 +428,13 @@ class CAVI:
                 f"the complete conditional of site(s) {bad} left the natural domain of its "
                 f"family ({', '.join(cm.families[n].family.name for n in bad)}): the posterior "
                 f"factor is improper (check the priors of these sites)")
+        stalled = [name for name, flag in state.stalled.items() if bool(flag)]
+        if stalled:
+            warnings.warn(
+                f"CAVI: the step search of site(s) {stalled} (non-conjugate terms) found no step "
+                f"down to {MIN_STEP:g} that keeps the ELBO from falling, so the run stopped there "
+                f"without a fixed point; the Gauss-Hermite expectation of a term with kinks "
+                f"(e.g. max or abs of a predictor) can cause it", RuntimeWarning, stacklevel=3)
         # rounding of the ELBO's sums: a few hundred ulps of its magnitude in its dtype
         dtype = np.asarray(state.elbo).dtype
         eps = 1e-9 if dtype == np.float64 else 100 * float(np.finfo(dtype).eps)

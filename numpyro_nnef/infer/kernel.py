@@ -27,7 +27,8 @@ class CAVIState(NamedTuple):
     """mu: each site's expected statistics (batch..., num_stats); eta, mean: its family's
     natural parameter and E[T] (batch..., stat_dim); log_partition: A(eta) (batch...); elbo:
     after the last sweep (-inf before the first); ok: False once a complete conditional left its
-    family's natural domain."""
+    family's natural domain; stalled: per site with non-conjugate terms, whether the last
+    sweep's step search found no step that keeps the ELBO from falling."""
 
     mu: dict[str, Array]
     eta: dict[str, Array]
@@ -35,6 +36,7 @@ class CAVIState(NamedTuple):
     log_partition: dict[str, Array]
     elbo: Array
     ok: dict[str, Array]
+    stalled: dict[str, Array] = {}
 
 
 class CAVIKernel(NamedTuple):
@@ -64,7 +66,8 @@ def cavi_kernel(model: ConjugateModel, damping: float = 0.0) -> CAVIKernel:
             log_z[name] = np.zeros(batch)
             ok[name] = np.asarray(True)
         return CAVIState({n: mu[n] for n in conditionals}, eta, mean, log_z,
-                         np.asarray(-np.inf), ok)
+                         np.asarray(-np.inf), ok,
+                         {n: np.asarray(False) for n, c in conditionals.items() if c.nonconjugate})
 
     def damped(name: str, eta: Array, state: CAVIState, first: Array, idx=()) -> Array:
         if damping == 0.0:
@@ -105,7 +108,8 @@ def cavi_kernel(model: ConjugateModel, damping: float = 0.0) -> CAVIKernel:
         rho, accepted = jax.lax.while_loop(
             lambda c: ~c[1] & (c[0] > MIN_STEP), search, (jnp.asarray(1.0), candidate(1.0)[1]))
         new = candidate(rho)[0]
-        return jax.tree.map(lambda a, b: jnp.where(accepted, a, b), new, state)
+        state = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), new, state)
+        return state._replace(stalled={**state.stalled, name: ~accepted})
 
     def step(data: list[Array], state: CAVIState) -> CAVIState:
         first = ~jnp.isfinite(state.elbo)
