@@ -72,6 +72,7 @@ from .cache import BoundedCache
 from .nonconjugate import Nonlinear
 from .numpy_eval import (
     NUMPY_ELEMENTWISE_ALL,
+    TRANSPARENT,
     bind_constant,
     inner_jaxpr,
     live_equations,
@@ -172,9 +173,6 @@ CASEWISE = {"add", "sub", "mul", "div", "neg", "integer_pow", "square", "sqrt", 
             "eq", "ne", "lt", "le", "gt", "ge", "is_finite", "and", "or", "not", "xor"}
 # operations whose every output entry is one input entry
 REARRANGEMENTS = {"squeeze", "reshape", "broadcast_in_dim", "transpose"}
-# primitives that return their operand as it is
-TRANSPARENT = {"convert_element_type", "stop_gradient", "optimization_barrier", "copy",
-               "copy_p", "reduce_precision"}
 COMPARISONS = {"eq", "ne", "lt", "le", "gt", "ge", "is_finite"}
 LOGICAL = {"and", "or", "not", "xor"}
 # primitives that may return their site-dependent operand unchanged, or one constant, on every

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .algebra import X_ATOM, Poly, SampledBool, Stat, Term, Value, add, multiply, negate
+from .numpy_eval import TRANSPARENT
 
 Array = jax.Array
 
@@ -151,8 +152,6 @@ def _bind_one(eqn: Any, ins: Sequence[Value], pieces: Mapping[int, tuple[Callabl
 
 LINEAR = {"add", "add_any", "sub", "neg", "mul", "div", "reduce_sum", "select_n",
           "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "transpose"}
-TRANSPARENT = {"convert_element_type", "stop_gradient", "optimization_barrier", "copy",
-               "copy_p", "reduce_precision"}
 
 
 def apply(it: Any, eqn: Any, ins: list[Value], shape: tuple[int, ...]) -> Value:
@@ -177,7 +176,8 @@ def apply(it: Any, eqn: Any, ins: list[Value], shape: tuple[int, ...]) -> Value:
                    f"{name} of {terms[0].words}")
 
 
-def _parts(x: Value, shape: tuple[int, ...]) -> tuple[Value, tuple[NonlinearTerm, ...]]:
+def _parts(x: Value) -> tuple[Value, tuple[NonlinearTerm, ...]]:
+    """(multilinear part, non-conjugate terms) of a value."""
     if isinstance(x, Nonlinear):
         return x.poly, x.terms
     return x, ()
@@ -190,12 +190,12 @@ def _make(shape: tuple[int, ...], poly: Value, terms: Sequence[NonlinearTerm]) -
 def _linear(it: Any, eqn: Any, ins: list[Value], shape: tuple[int, ...]) -> Value | None:
     name = eqn.primitive.name
     if name in ("add", "add_any", "sub"):
-        (pa, ta), (pb, tb) = _parts(ins[0], shape), _parts(ins[1], shape)
+        (pa, ta), (pb, tb) = _parts(ins[0]), _parts(ins[1])
         if name == "sub":
             pb, tb = negate(pb), tuple(t.scaled(-1.0) for t in tb)
         return _make(shape, add(pa, pb, shape), ta + tb)
     if name == "neg":
-        p, ts = _parts(ins[0], shape)
+        p, ts = _parts(ins[0])
         return _make(shape, negate(p), [t.scaled(-1.0) for t in ts])
     if name in ("mul", "div"):
         constant = [k for k, x in enumerate(ins) if not isinstance(x, (Poly, Nonlinear,
@@ -204,19 +204,19 @@ def _linear(it: Any, eqn: Any, ins: list[Value], shape: tuple[int, ...]) -> Valu
             return None
         c = np.broadcast_to(np.asarray(ins[constant[0]], dtype=np.float64), shape)
         c = 1.0 / c if name == "div" else c
-        p, ts = _parts(ins[1 - constant[0]], shape)
+        p, ts = _parts(ins[1 - constant[0]])
         return _make(shape, multiply(p, c, shape), [t.scaled(c) for t in ts])
     if name == "select_n":
         return _select(it, eqn, ins, shape)
     if name == "reduce_sum":
         axes = tuple(eqn.params["axes"])
-        p, ts = _parts(ins[0], shape)
+        p, ts = _parts(ins[0])
         p = it.apply(eqn, [p])[0]
         out = [dataclasses.replace(t, kept=tuple(k for i, k in enumerate(t.kept)
                                                  if i not in axes)) for t in ts]
         return _make(shape, p, out)
     # rearrangements: on the predictor and the weight of unreduced terms
-    p, ts = _parts(ins[0], shape)
+    p, ts = _parts(ins[0])
     if len(ins) != 1 or not all(t.unreduced for t in ts):
         return None
     out = []
@@ -249,7 +249,7 @@ def _select(it: Any, eqn: Any, ins: list[Value], shape: tuple[int, ...]) -> Valu
             continue
         if mask.all():
             return case
-        p, ts = _parts(case, shape)
+        p, ts = _parts(case)
         total = add(total, multiply(p, mask, shape), shape)
         terms += [t.scaled(mask) for t in ts]
     return _make(shape, total, terms)

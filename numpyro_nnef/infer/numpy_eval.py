@@ -16,6 +16,11 @@ import numpy as np
 import scipy.special
 from jax.extend import core as jcore
 
+# primitives that return their operand as it is (shared by the interpreter and nonconjugate.py)
+TRANSPARENT = {"convert_element_type", "stop_gradient", "optimization_barrier", "copy",
+               "copy_p", "reduce_precision"}
+
+
 NumpyRule = Callable[[Mapping[str, Any], list[np.ndarray], tuple[int, ...], np.dtype], Any]
 
 NUMPY_ELEMENTWISE: dict[str, Callable[..., np.ndarray]] = {
