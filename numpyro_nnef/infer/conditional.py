@@ -64,7 +64,8 @@ class CompleteConditional:
         def blanket(m: Array) -> Array:
             everything = {**mu, self.name: m}
             return (self.model.expected_terms(everything, data, self.terms)
-                    + self.model.expected_nonconjugate(everything, data, self.nonconjugate))
+                    + self.model.expected_nonconjugate(everything, data, self.nonconjugate,
+                                                       self.model.augment))
 
         return self.family.natural(jax.grad(blanket)(own))
 

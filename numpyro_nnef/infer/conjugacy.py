@@ -318,6 +318,8 @@ class ConjugateModel:
     initial_values: dict[str, np.ndarray]  # one random point of every site's support
     # sum_s w_s f(a_s) of a linear predictor a: expectations by Gauss-Hermite (nonconjugate.py)
     nonconjugate: list[NonconjugateTerm] = dataclasses.field(default_factory=list)
+    # logistic terms by their Polya-Gamma bound in E_q[log p] (the augmented model's ELBO)
+    augment: bool = False
 
     def site_stat_batch(self, name: str, elements: np.ndarray) -> np.ndarray:
         """The statistics of a batch of elements (N, *element_shape) -> (N, num_stats), in
@@ -368,27 +370,30 @@ class ConjugateModel:
                        tuple(st.name for st in self.stats[n])) for n, s in self.sites.items())
         fams = tuple((n, f.family.cache_key(), f.B.tobytes(), f.c.tobytes(), oracle_key(f.oracle))
                      for n, f in self.families.items())
-        return terms, sites, fams, tuple(t.structure() for t in self.nonconjugate)
+        return (terms, sites, fams, tuple(t.structure() for t in self.nonconjugate),
+                self.augment)
 
-    def expected_log_joint(self, mu: Mapping[str, Array],
-                           data: list[Array] | None = None) -> Array:
+    def expected_log_joint(self, mu: Mapping[str, Array], data: list[Array] | None = None,
+                           bound: bool | None = None) -> Array:
         """E_q[log p(x)] from every site's expected statistics mu[site] (batch..., num_stats);
-        ``data`` replaces ``self.data()`` (same shapes)."""
+        ``data`` replaces ``self.data()`` (same shapes); ``bound`` (default ``augment``): the
+        logistic terms by their Polya-Gamma bound."""
         data = self.data() if data is None else data
+        bound = self.augment if bound is None else bound
         return (jnp.asarray(data[-1]) + self.expected_terms(mu, data, range(len(self.terms)))
-                + self.expected_nonconjugate(mu, data, range(len(self.nonconjugate))))
+                + self.expected_nonconjugate(mu, data, range(len(self.nonconjugate)), bound))
 
     def expected_nonconjugate(self, mu: Mapping[str, Array], data: list[Array],
-                              indices: Iterable[int]) -> Array:
+                              indices: Iterable[int], bound: bool = False) -> Array:
         """The sum of the non-conjugate terms ``indices`` of E_q[log p]; ``mu`` needs only the
-        sites in their predictors."""
+        sites in their predictors; ``bound``: logistic terms by their Polya-Gamma bound."""
         start = sum(len(t.operands) for t in self.terms)
         starts = np.cumsum([start] + [len(t.data()) for t in self.nonconjugate])
         total = jnp.zeros(())
         for index in indices:
             term = self.nonconjugate[index]
             moments = {n: self.moments(n, mu[n]) for n in term.sites}
-            total = total + term.expected(moments, data[starts[index]:starts[index + 1]])
+            total = total + term.expected(moments, data[starts[index]:starts[index + 1]], bound)
         return total
 
     def moments(self, name: str, mu: Array) -> tuple[Array, Array]:

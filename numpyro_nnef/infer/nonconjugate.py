@@ -10,9 +10,10 @@ compose (softplus is max(a, 0) + log1p(exp(-|a|)), four primitives, one f), line
 Under q the predictor's entries are sums of independent elements; E_q f(a) is taken with
 a ~ N(m, v), m = a(E[x]), v = sum_j J_j^T Cov[x_j] J_j (J = da/dx_j): exact when the sites in a
 have Gaussian factors, a moment-matched Gaussian otherwise. Gauss-Hermite quadrature gives E f
-and, by Bonnet's and Price's theorems, dE/dm = E f'(a) and dE/dv = E f''(a) / 2: deterministic
-expectations, so the ELBO and its natural-gradient messages (Knowles & Minka 2011) are exact up
-to the quadrature's error.
+and, by Bonnet's and Price's theorems, dE/dm = E f'(a) and dE/dv = E f''(a) / 2 (Stein's forms,
+which need f alone, where f has a kink): deterministic expectations, so the ELBO and its
+natural-gradient messages (Knowles & Minka 2011) are exact up to the quadrature's error. With
+``augment``, a logistic term's expectation is replaced by its Polya-Gamma bound.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from .numpy_eval import TRANSPARENT
 Array = jax.Array
 
 __all__ = ["Nonlinear", "NonlinearTerm", "NonconjugateTerm", "gaussian_expectation",
-           "GAUSS_HERMITE_NODES"]
+           "polya_gamma_bound", "GAUSS_HERMITE_NODES"]
 
 GAUSS_HERMITE_NODES = 32
 _NODES, _WEIGHTS = np.polynomial.hermite.hermgauss(GAUSS_HERMITE_NODES)
@@ -343,33 +344,120 @@ def _same(it: Any, a: Poly, b: Poly) -> bool:
 # ----------------------------------------------------------------------------- expectations
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def gaussian_expectation(fn: Callable[[Array], Array], m: Array, v: Array) -> Array:
-    """E f(a) for a ~ N(m, v) elementwise (Gauss-Hermite, GAUSS_HERMITE_NODES nodes); its
-    derivatives are dE/dm = E f'(a), dE/dv = E f''(a) / 2 (Bonnet, Price)."""
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 3))
+def gaussian_expectation(fn: Callable[[Array], Array], m: Array, v: Array,
+                         smooth: bool = True) -> Array:
+    """E f(a) for a ~ N(m, v) elementwise (Gauss-Hermite, GAUSS_HERMITE_NODES nodes). Its
+    derivatives: for a smooth f, dE/dm = E f'(a), dE/dv = E f''(a) / 2 (Bonnet, Price); for a
+    kinked one (``smooth=False``: |a|, max(a, 0), whose f'' has a delta autodiff cannot see)
+    the Stein forms dE/dm = E[f(a) (a - m)] / v, dE/dv = E[f(a) ((a - m)^2 / v - 1)] / (2 v),
+    which use f alone."""
     return _expect(fn, m, v)
 
 
-def _expect(fn: Callable[[Array], Array], m: Array, v: Array) -> Array:
+def _expect(fn: Callable[[Array], Array], m: Array, v: Array,
+            factor: Callable[[Array], Array] = jnp.ones_like) -> Array:
+    """E[f(a) factor(z)], a = m + sqrt(v) z, z ~ N(0, 1), by Gauss-Hermite."""
     nodes = jnp.asarray(_NODES, m.dtype).reshape((-1,) + (1,) * m.ndim)
     weights = jnp.asarray(_WEIGHTS, m.dtype).reshape((-1,) + (1,) * m.ndim)
     points = m + jnp.sqrt(jnp.maximum(v, 0.0)) * nodes
-    return jnp.sum(weights * jax.vmap(fn)(points), axis=0)
+    return jnp.sum(weights * factor(nodes) * jax.vmap(fn)(points), axis=0)
 
 
-@gaussian_expectation.defjvp
-def _gaussian_expectation_jvp(fn, primals, tangents):
-    m, v = primals
-    dm, dv = tangents
-
+def _bonnet_price(fn: Callable[[Array], Array], m: Array, v: Array) -> tuple[Array, Array]:
+    """(dE/dm, dE/dv) = (E f'(a), E f''(a) / 2)."""
     def first(t):
         return jax.jvp(fn, (t,), (jnp.ones_like(t),))[1]
 
     def second(t):
         return jax.jvp(first, (t,), (jnp.ones_like(t),))[1]
 
-    return (_expect(fn, m, v),
-            _expect(first, m, v) * dm + 0.5 * _expect(second, m, v) * dv)
+    return _expect(first, m, v), 0.5 * _expect(second, m, v)
+
+
+def _stein(fn: Callable[[Array], Array], m: Array, v: Array) -> tuple[Array, Array]:
+    """(dE/dm, dE/dv) = (E[(f(a) - f(m)) z] / sqrt(v), E[(f(a) - f(m)) (z^2 - 1)] / (2 v)),
+    z = (a - m) / sqrt(v): no derivative of f, so a kink's delta is not lost and the rule
+    integrates a continuous function (f(m) integrates to zero against both; subtracted, it
+    keeps the rounding small); Bonnet-Price where v is zero."""
+    tiny = jnp.finfo(m.dtype).tiny
+    positive = v > tiny
+    safe = jnp.where(positive, v, 1.0)
+    centre = fn(m)
+
+    def centred(t):
+        return fn(t) - centre
+
+    d_mean = _expect(centred, m, safe, lambda z: z) / jnp.sqrt(safe)
+    d_var = _expect(centred, m, safe, lambda z: z**2 - 1) / (2 * safe)
+    at_point = _bonnet_price(fn, m, jnp.zeros_like(v))
+    return jnp.where(positive, d_mean, at_point[0]), jnp.where(positive, d_var, at_point[1])
+
+
+@gaussian_expectation.defjvp
+def _gaussian_expectation_jvp(fn, smooth, primals, tangents):
+    m, v = primals
+    dm, dv = tangents
+    d_mean, d_var = (_bonnet_price if smooth else _stein)(fn, m, v)
+    return _expect(fn, m, v), d_mean * dm + d_var * dv
+
+
+def smooth(fn: Callable[[Array], Array], shape: tuple[int, ...] = ()) -> bool:
+    """Whether autodiff's f'' is f's second derivative in the sense of distributions: Price's
+    dE/dv agrees with Stein's form at a ~ N(m, 1), m = -3, ..., 3,
+    in every element of ``shape`` (a kink, |a| or max(a, 0), puts a delta in f'' that
+    autodiff misses)."""
+    for m in np.linspace(-3.0, 3.0, 13):
+        m = jnp.full(shape, m)
+        v = jnp.ones_like(m)
+        price, summed = _bonnet_price(fn, m, v), _stein(fn, m, v)
+        if not all(bool(jnp.all(jnp.abs(p - s) <= 1e-3 * (1.0 + jnp.abs(s))))
+                   for p, s in zip(price, summed, strict=True)):
+            return False
+    return True
+
+
+def _combined(fns: Sequence[Callable[[Array], Array]], weight: Array
+              ) -> Callable[[Array], Array]:
+    """t -> sum_k weight_k f_k(t) (the kinks of softplus's pieces cancel in the sum)."""
+    return lambda t: sum(weight[k] * fn(t) for k, fn in enumerate(fns))
+
+
+def _half_softplus_even(t: Array) -> Array:
+    """L(t) = log(2 cosh(t / 2)) = softplus(t) - t / 2: even, and concave in t^2."""
+    return jnp.logaddexp(0.5 * t, -0.5 * t)
+
+
+def _softplus_coefficient(fn: Callable[[Array], Array], shape: tuple[int, ...]) -> Array:
+    """alpha per element of f(t) = alpha softplus(t) + beta t + gamma: f''(1) / softplus''(1)
+    (not at 0, where autodiff of a softplus written with |t| has no curvature)."""
+    def first(t):
+        return jax.jvp(fn, (t,), (jnp.ones_like(t),))[1]
+
+    one = jnp.ones(shape)
+    curvature = jax.nn.sigmoid(one) * jax.nn.sigmoid(-one)
+    return jax.jvp(first, (one,), (jnp.ones_like(one),))[1] / curvature
+
+
+def logistic(fn: Callable[[Array], Array], shape: tuple[int, ...] = ()) -> bool:
+    """Whether f(t) = alpha softplus(t) + beta t + gamma in every element of ``shape`` (a
+    Bernoulli- or Binomial-logit log likelihood): f - alpha softplus is linear on t = -6..6."""
+    t = jnp.linspace(-6.0, 6.0, 13).reshape((-1,) + (1,) * len(shape))
+    points = jnp.broadcast_to(t, (13, *shape))
+    rest = jax.vmap(fn)(points) - _softplus_coefficient(fn, shape) * jax.nn.softplus(points)
+    curvature = rest[2:] - 2 * rest[1:-1] + rest[:-2]
+    scale = 1.0 + jnp.max(jnp.abs(rest))
+    return bool(jnp.all(jnp.isfinite(rest)) and jnp.all(jnp.abs(curvature) <= 1e-4 * scale))
+
+
+def polya_gamma_bound(fn: Callable[[Array], Array], m: Array, v: Array) -> Array:
+    """Lower bound of E f(a), a ~ N(m, v), f = alpha softplus + beta t + gamma with alpha <= 0:
+    f(m) + alpha (L(c) - L(m)), c = sqrt(m^2 + v) (Polya-Gamma augmentation with q(omega) =
+    PG(1, c) at its optimum, i.e. Jaakkola & Jordan's bound; its gradient in (m, v) is the
+    conjugate message of the augmented model)."""
+    alpha = _softplus_coefficient(fn, m.shape)
+    c = jnp.sqrt(m**2 + jnp.maximum(v, 0.0))
+    return fn(m) + alpha * (_half_softplus_even(c) - _half_softplus_even(m))
 
 
 def shared_predictors(it: Any, value: Nonlinear) -> Nonlinear:
@@ -392,6 +480,8 @@ class NonconjugateTerm:
     constant and operands) are data: arguments of the compiled CAVI program."""
 
     fns: tuple[Callable[[Array], Array], ...]
+    smooth: bool  # sum_k weight_k f_k: Bonnet-Price derivatives, else Stein's
+    logistic: bool  # sum_k weight_k f_k = alpha softplus + linear: polya_gamma_bound applies
     keys: tuple[tuple, ...]
     words: str
     shape: tuple[int, ...]
@@ -405,7 +495,10 @@ class NonconjugateTerm:
         arg = terms[0].arg
         weight = np.stack([np.broadcast_to(t.weight, arg.shape) for t in terms])
         words = max((t.words for t in terms), key=len)
-        return cls(tuple(t.fn for t in terms), tuple(t.key for t in terms), words,
+        combined = _combined(tuple(t.fn for t in terms), jnp.asarray(weight))
+        return cls(tuple(t.fn for t in terms), smooth(combined, arg.shape),
+                   logistic(combined, arg.shape),
+                   tuple(t.key for t in terms), words,
                    tuple(arg.shape), weight, np.broadcast_to(arg.constant, arg.shape).copy(),
                    tuple(arg.terms))
 
@@ -425,7 +518,7 @@ class NonconjugateTerm:
                                                              for i in f.labels] + list(t.out)))}
             t = t.relabel(order)
             terms.append((tuple((a.shape, lab) for a, lab in t.operands), t.factors, t.out))
-        return self.keys, self.shape, tuple(terms)
+        return self.keys, self.smooth, self.logistic, self.shape, tuple(terms)
 
     def predictor(self, values: Mapping[str, Array], data: Sequence[Array]) -> Array:
         """a at site values ``values`` (each of the site's shape), with this term's ``data``."""
@@ -438,10 +531,11 @@ class NonconjugateTerm:
                 lambda f: values[f.site], self.shape)
         return total
 
-    def expected(self, moments: Mapping[str, tuple[Array, Array]], data: Sequence[Array]
-                 ) -> Array:
+    def expected(self, moments: Mapping[str, tuple[Array, Array]], data: Sequence[Array],
+                 bound: bool = False) -> Array:
         """E_q of the term from each site's (E[x], Var[x]) (elementwise, site shape) or
-        (E[x], Cov[x]) (vector elements: batch + (d,), batch + (d, d))."""
+        (E[x], Cov[x]) (vector elements: batch + (d,), batch + (d, d)); ``bound``: logistic
+        parts f with weight * alpha <= 0 by their Polya-Gamma bound instead."""
         means = {n: m for n, (m, _) in moments.items()}
         m = self.predictor(means, data)
         v = jnp.zeros(self.shape, m.dtype)
@@ -458,5 +552,10 @@ class NonconjugateTerm:
                 jac = jac.reshape((*self.shape, -1, d))
                 v = v + jnp.einsum("...bi,bij,...bj->...", jac, spread.reshape((-1, d, d)), jac)
         weight = jnp.asarray(data[0])
-        return sum(jnp.sum(weight[k] * gaussian_expectation(fn, m, v))
-                   for k, fn in enumerate(self.fns))
+        value = sum(weight[k] * gaussian_expectation(fn, m, v, self.smooth)
+                    for k, fn in enumerate(self.fns))
+        if bound and self.logistic:
+            combined = _combined(self.fns, weight)
+            concave = _softplus_coefficient(combined, self.shape) <= 0
+            value = jnp.where(concave, polya_gamma_bound(combined, m, v), value)
+        return jnp.sum(value)
