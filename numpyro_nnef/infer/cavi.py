@@ -22,6 +22,7 @@ import numpyro
 
 from .._jit import quick_jit
 from ..oracles import QuadratureOracle
+from .augment import augmented
 from .cache import BoundedCache
 from .conditional import CompleteConditional, complete_conditionals
 from .conjugacy import ConjugateModel, analyse_model
@@ -117,7 +118,7 @@ class CAVIResult:
         if self.model is None or self.guide is None:
             raise RuntimeError("this result does not know its model: use the CAVIResult that "
                                "CAVI.run returned")
-        estimate, mcse = monte_carlo_elbo(self.model, self.guide, self.params, rng_key,
+        estimate, mcse = monte_carlo_elbo(self.guide.traced_model, self.guide, self.params, rng_key,
                                           num_samples, *self.args, **self.kwargs)
         engine = float(self.elbo[-1]) if self.exact_elbo is None else self.exact_elbo
         eps = float(np.finfo(np.asarray(self.state.elbo).dtype).eps)
@@ -156,12 +157,15 @@ class CAVIGuide:
     or NUTS. Call ``guide(*args, **kwargs)`` inside NumPyro (e.g. ``Predictive``) with ``params``
     from ``CAVI.run``; the parameters are named ``"<site>_eta"``.
 
-    ``augment=True``: Bernoulli- and Binomial-logit terms are replaced by their Polya-Gamma
-    augmentation (Polson, Scott & Windle 2013) with q(omega) = PG(1, c) at its optimum
-    c^2 = E[a^2] (Jaakkola & Jordan's bound): the updates of the predictor's sites are then
-    conjugate and the traced ELBO is the augmented model's (a lower bound of q's own, which
-    ``CAVIResult.exact_elbo`` holds and ``check_elbo`` checks). Default: the direct
-    non-conjugate update (Knowles-Minka message, Gauss-Hermite expectations).
+    ``augment=True``: auxiliary variables make two kinds of term conjugate (``augment.py``).
+    Bernoulli- and Binomial-logit terms take their Polya-Gamma augmentation (Polson, Scott &
+    Windle 2013) with q(omega) = PG(1, c) at its optimum c^2 = E[a^2] (Jaakkola & Jordan's
+    bound): the updates of the predictor's sites are conjugate and the traced ELBO is the
+    augmented model's (a lower bound of q's own, which ``CAVIResult.exact_elbo`` holds and
+    ``check_elbo`` checks). A latent HalfCauchy(A) site becomes tau^2 | a ~ InverseGamma(1/2,
+    1/a) with a new site ``<name>_mixing`` ~ InverseGamma(1/2, 1/A^2). Default: the direct
+    updates (Knowles-Minka messages with Gauss-Hermite expectations; an automatic quadrature
+    family for the HalfCauchy site's exact complete conditional).
     """
 
     def __init__(self, model: Callable, *, oracles: Mapping[str, Any] | None = None,
@@ -170,11 +174,13 @@ class CAVIGuide:
         self.oracles = dict(oracles or {})
         self.samplers = dict(samplers or {})
         self.augment = bool(augment)
+        # the model CAVI analyses: with its HalfCauchy sites as scale mixtures when augmented
+        self.traced_model = augmented(model) if augment else model
         self.conjugate: ConjugateModel | None = None
 
     def structure(self, *args: Any, key: Array, **kwargs: Any) -> ConjugateModel:
         """The conjugacy analysis of the model for these arguments (not kept)."""
-        cm = analyse_model(self.model, *args, key=key, oracles=self.oracles, **kwargs)
+        cm = analyse_model(self.traced_model, *args, key=key, oracles=self.oracles, **kwargs)
         cm.augment = self.augment
         return cm
 
