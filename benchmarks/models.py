@@ -67,7 +67,8 @@ def model_data(name: str) -> dict:
     import numpy as np
     from textbook import MODELS
 
-    return MODELS[name].data(np.random.default_rng([0, sorted(MODELS).index(name)]))
+    entry = MODELS[name]
+    return entry.data(np.random.default_rng([0, sorted(MODELS).index(entry.data_of or name)]))
 
 
 def quantities(name: str, draws: dict) -> dict:
@@ -91,7 +92,7 @@ def unit_cavi(name: str, config: dict) -> dict:
 
     model, data = MODELS[name].model, model_data(name)
     start = time.perf_counter()
-    guide = nnef.CAVIGuide(model)
+    guide = nnef.CAVIGuide(model, **MODELS[name].guide_options)
     cavi = nnef.CAVI(model, guide)
     try:
         result = cavi.run(jax.random.key(0), config["cavi_steps"], **data)

@@ -31,6 +31,8 @@ class Entry:
     nuts_model: Callable | None = None
     compare: Callable[[dict], dict] | None = None
     conjugate: bool = True  # conditionally conjugate: CAVI is expected to handle it
+    guide_options: dict = dataclasses.field(default_factory=dict)  # CAVIGuide's keywords
+    data_of: str | None = None  # the entry whose data (same seed) this one uses
 
 
 def _sites(*names: str) -> Callable[[dict], dict]:
@@ -427,6 +429,17 @@ MODELS: dict[str, Entry] = {
     "hierarchical_logistic": Entry("logistic regression, random intercepts for 20 groups "
                                    "(non-conjugate)", hierarchical_logistic,
                                    _hierarchical_logistic_data, conjugate=False),
+    "logistic_augmented": Entry("logistic regression, Polya-Gamma augmentation (augment=True)",
+                                logistic, _logistic_data, conjugate=False,
+                                guide_options={"augment": True}, data_of="logistic"),
+    "hierarchical_logistic_augmented": Entry(
+        "random-intercept logistic regression, Polya-Gamma augmentation (augment=True)",
+        hierarchical_logistic, _hierarchical_logistic_data, conjugate=False,
+        guide_options={"augment": True}, data_of="hierarchical_logistic"),
+    "eight_schools_augmented": Entry(
+        "eight schools, HalfCauchy as an inverse-gamma scale mixture (augment=True)",
+        eight_schools, lambda r: dict(EIGHT_SCHOOLS), guide_options={"augment": True},
+        compare=_sites("mu", "tau", "theta_tilde")),
     "gmm_lognormal_scale": Entry("Gaussian mixture, LogNormal prior on the scale (non-conjugate "
                                  "prior)", gmm_lognormal_scale,
                                  lambda r: {"y": np.r_[r.normal(-3, 1, 15), r.normal(3, 1, 15)]},

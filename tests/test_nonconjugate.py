@@ -19,7 +19,7 @@ import scipy.special as sp
 
 import numpyro_nnef as nnef
 from numpyro_nnef.infer.interpreter import trace_log_density
-from numpyro_nnef.infer.nonconjugate import Nonlinear, gaussian_expectation, smooth
+from numpyro_nnef.infer.nonconjugate import Nonlinear, gaussian_expectation, kinds
 
 # the benchmark's textbook model, as its source writes it
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -240,10 +240,12 @@ def test_augmentation_leaves_terms_that_are_not_logistic_alone():
 
 
 def test_kinks_are_told_apart_from_smooth_functions():
-    """smooth() compares Price's E f''/2 with Stein's form; a kink's derivatives by Stein's
-    forms against the closed forms of E|a|."""
-    assert smooth(jnp.exp) and smooth(jax.nn.softplus) and smooth(jax.scipy.special.log_ndtr)
-    assert not smooth(jnp.abs) and not smooth(lambda t: jnp.maximum(t, 0.0))
+    """kinds() compares Price's E f''/2 with Stein's form (and finds softplus plus a linear
+    function); a kink's derivatives by Stein's forms against the closed forms of E|a|."""
+    assert kinds(jnp.exp) == (True, False)
+    assert kinds(jax.scipy.special.log_ndtr) == (True, False)
+    assert kinds(lambda t: 2.0 - 3.0 * jax.nn.softplus(-t), (4,)) == (True, True)
+    assert not kinds(jnp.abs)[0] and not kinds(lambda t: jnp.maximum(t, 0.0))[0]
     m, v = jnp.asarray([0.3, -1.0]), jnp.asarray([0.5, 2.0])
     dm, dv = jax.grad(lambda m, v: jnp.sum(gaussian_expectation(jnp.abs, m, v, False)),
                       argnums=(0, 1))(m, v)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._jit import quick_jit
 from .algebra import X_ATOM, Poly, SampledBool, Stat, Term, Value, add, multiply, negate
 from .numpy_eval import TRANSPARENT
 
@@ -402,19 +403,29 @@ def _gaussian_expectation_jvp(fn, smooth, primals, tangents):
     return _expect(fn, m, v), d_mean * dm + d_var * dv
 
 
-def smooth(fn: Callable[[Array], Array], shape: tuple[int, ...] = ()) -> bool:
-    """Whether autodiff's f'' is f's second derivative in the sense of distributions: Price's
-    dE/dv agrees with Stein's form at a ~ N(m, 1), m = -3, ..., 3,
-    in every element of ``shape`` (a kink, |a| or max(a, 0), puts a delta in f'' that
-    autodiff misses)."""
-    for m in np.linspace(-3.0, 3.0, 13):
-        m = jnp.full(shape, m)
+def kinds(fn: Callable[[Array], Array], shape: tuple[int, ...] = ()) -> tuple[bool, bool]:
+    """(smooth, logistic) for an elementwise f on ``shape``, by one compiled probe.
+
+    smooth: autodiff's f'' is f's second derivative in the sense of distributions (Price's
+    dE/dv and Bonnet's dE/dm agree with Stein's forms at a ~ N(m, 1), m = -3, ..., 3; a kink,
+    |a| or max(a, 0), puts a delta in f'' that autodiff misses). logistic: f(t) = alpha
+    softplus(t) + beta t + gamma (a Bernoulli- or Binomial-logit log likelihood): f - alpha
+    softplus is linear on t = -6, ..., 6."""
+    def probe():
+        m = jnp.broadcast_to(jnp.linspace(-3.0, 3.0, 13).reshape((-1,) + (1,) * len(shape)),
+                             (13, *shape))
         v = jnp.ones_like(m)
-        price, summed = _bonnet_price(fn, m, v), _stein(fn, m, v)
-        if not all(bool(jnp.all(jnp.abs(p - s) <= 1e-3 * (1.0 + jnp.abs(s))))
-                   for p, s in zip(price, summed, strict=True)):
-            return False
-    return True
+        price, stein = _bonnet_price(fn, m, v), _stein(fn, m, v)
+        agree = jnp.all(jnp.stack([jnp.all(jnp.abs(p - s) <= 1e-3 * (1.0 + jnp.abs(s)))
+                                   for p, s in zip(price, stein, strict=True)]))
+        t = 2.0 * m
+        rest = fn(t) - _softplus_coefficient(fn, shape) * jax.nn.softplus(t)
+        curvature = rest[2:] - 2 * rest[1:-1] + rest[:-2]
+        linear = jnp.all(jnp.isfinite(rest)) & jnp.all(
+            jnp.abs(curvature) <= 1e-4 * (1.0 + jnp.max(jnp.abs(rest))))
+        return agree, linear
+
+    return tuple(bool(x) for x in quick_jit(probe)())
 
 
 def _combined(fns: Sequence[Callable[[Array], Array]], weight: Array
@@ -437,17 +448,6 @@ def _softplus_coefficient(fn: Callable[[Array], Array], shape: tuple[int, ...]) 
     one = jnp.ones(shape)
     curvature = jax.nn.sigmoid(one) * jax.nn.sigmoid(-one)
     return jax.jvp(first, (one,), (jnp.ones_like(one),))[1] / curvature
-
-
-def logistic(fn: Callable[[Array], Array], shape: tuple[int, ...] = ()) -> bool:
-    """Whether f(t) = alpha softplus(t) + beta t + gamma in every element of ``shape`` (a
-    Bernoulli- or Binomial-logit log likelihood): f - alpha softplus is linear on t = -6..6."""
-    t = jnp.linspace(-6.0, 6.0, 13).reshape((-1,) + (1,) * len(shape))
-    points = jnp.broadcast_to(t, (13, *shape))
-    rest = jax.vmap(fn)(points) - _softplus_coefficient(fn, shape) * jax.nn.softplus(points)
-    curvature = rest[2:] - 2 * rest[1:-1] + rest[:-2]
-    scale = 1.0 + jnp.max(jnp.abs(rest))
-    return bool(jnp.all(jnp.isfinite(rest)) and jnp.all(jnp.abs(curvature) <= 1e-4 * scale))
 
 
 def polya_gamma_bound(fn: Callable[[Array], Array], m: Array, v: Array) -> Array:
@@ -496,8 +496,7 @@ class NonconjugateTerm:
         weight = np.stack([np.broadcast_to(t.weight, arg.shape) for t in terms])
         words = max((t.words for t in terms), key=len)
         combined = _combined(tuple(t.fn for t in terms), jnp.asarray(weight))
-        return cls(tuple(t.fn for t in terms), smooth(combined, arg.shape),
-                   logistic(combined, arg.shape),
+        return cls(tuple(t.fn for t in terms), *kinds(combined, arg.shape),
                    tuple(t.key for t in terms), words,
                    tuple(arg.shape), weight, np.broadcast_to(arg.constant, arg.shape).copy(),
                    tuple(arg.terms))
