@@ -70,8 +70,12 @@ class NonlinearTerm:
         return dataclasses.replace(self, weight=self.weight * c)
 
     def on_draws(self, draws: np.ndarray) -> np.ndarray:
-        """The term at draws of its predictor, (M,) + arg.shape -> (M,) + output shape."""
-        values = self.weight * np.asarray(jax.vmap(self.fn)(jnp.asarray(draws)))
+        """The term at draws of its predictor, (M,) + arg.shape -> (M,) + output shape (fn in
+        numpy where it can: op by op in JAX each primitive would be an XLA compilation)."""
+        from .interpreter import evaluate_in_numpy  # the interpreter imports this module
+
+        (fn_values,) = evaluate_in_numpy(jax.vmap(self.fn), np.asarray(draws))
+        values = self.weight * np.asarray(fn_values)
         summed = tuple(k + 1 for k in range(len(self.arg.shape)) if k not in self.kept)
         return values.sum(axis=summed)
 
