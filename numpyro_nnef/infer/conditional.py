@@ -57,17 +57,25 @@ class CompleteConditional:
         """eta_k for every element (batch..., stat_dim) from the expected statistics ``mu``
         (site -> (batch..., num_stats)) of the Markov blanket (and of the site itself when it
         is sequential: element i's eta reads the other elements' mu)."""
+        return self.natural_and_blanket(mu, data)[0]
+
+    def blanket(self, mu: Mapping[str, Array], data: list[Array] | None = None) -> Array:
+        """The terms of E_q[log p] that contain the site (``mu`` holds the site and its
+        blanket): the part of E_q[log p] that changes with q_k."""
+        data = self.model.data() if data is None else data
+        return (self.model.expected_terms(mu, data, self.terms)
+                + self.model.expected_nonconjugate(mu, data, self.nonconjugate,
+                                                   self.model.augment))
+
+    def natural_and_blanket(self, mu: Mapping[str, Array], data: list[Array] | None = None
+                            ) -> tuple[Array, Array]:
+        """(``natural``, ``blanket``) from one evaluation of the blanket terms (and their
+        gradient in the site's mu); ``blanket`` needs the site's mu in ``mu``."""
         data = self.model.data() if data is None else data
         own = jnp.asarray(mu[self.name]) if self.name in mu else jnp.zeros(
             (*self.site.batch_shape, sum(self.model.stat_sizes(self.name))))
-
-        def blanket(m: Array) -> Array:
-            everything = {**mu, self.name: m}
-            return (self.model.expected_terms(everything, data, self.terms)
-                    + self.model.expected_nonconjugate(everything, data, self.nonconjugate,
-                                                       self.model.augment))
-
-        return self.family.natural(jax.grad(blanket)(own))
+        value, grad = jax.value_and_grad(lambda m: self.blanket({**mu, self.name: m}, data))(own)
+        return self.family.natural(grad), value
 
     def natural_given(self, means: Mapping[str, Array], data: list[Array] | None = None
                       ) -> Array:

@@ -126,12 +126,16 @@ def model_sites(model: Callable, args: tuple, kwargs: dict, key: Array
         draws[msg["name"]] = support_draws(msg["fn"], NUM_DRAWS + 1, rng)
         return draws[msg["name"]][0]
 
-    # every latent value is substituted, so no random key is needed; validation is off because
-    # its checks run op by op (each an XLA compilation) and the analysis checks the data itself
+    # every latent value is substituted, so no random key is needed. The model runs under
+    # make_jaxpr: values it computes are abstract (op by op, each would be an XLA compilation);
+    # sites, shapes, supports and the arguments stay concrete. Validation is off (the analysis
+    # checks the data itself).
     traced = handlers.substitute(model, substitute_fn=draw)
+    trace: dict[str, dict] = {}
     try:
         with numpyro.validation_enabled(False):
-            trace = handlers.trace(traced).get_trace(*args, **kwargs)
+            jax.make_jaxpr(lambda: trace.update(handlers.trace(traced).get_trace(
+                *args, **kwargs)))()
     except ValueError as err:
         raise ValueError(f"running the model with these arguments failed: {err}. Check that "
                          "every plate's size matches the data observed inside it.") from err
@@ -140,12 +144,14 @@ def model_sites(model: Callable, args: tuple, kwargs: dict, key: Array
         if site["type"] != "sample":
             continue
         if site["is_observed"]:
-            value = np.asarray(site["value"])
-            if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-                raise ValueError(
-                    f"observed site {name!r} contains NaN or infinite values "
-                    f"({int((~np.isfinite(value)).sum())} of {value.size}); remove or mask them"
-                )
+            value = site["value"]
+            if not isinstance(value, jax.core.Tracer):  # else computed by the model: abstract
+                value = np.asarray(value)
+                if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+                    raise ValueError(
+                        f"observed site {name!r} contains NaN or infinite values "
+                        f"({int((~np.isfinite(value)).sum())} of {value.size}); remove or mask "
+                        f"them")
             expected = tuple(site["fn"].shape())
             try:
                 fits = np.broadcast_shapes(value.shape, expected) == expected

@@ -92,25 +92,31 @@ def cavi_kernel(model: ConjugateModel, damping: float = 0.0) -> CAVIKernel:
         """A site with non-conjugate terms: eta <- (1 - rho) eta + rho eta_KM (Knowles-Minka
         message eta_KM), the first rho of 1, 1/2, 1/4, ... whose factor is proper and whose
         ELBO is not lower (conjugate-computation VI's step, Khan & Lin 2017); rho = 1 in the
-        first sweep; the state unchanged when no rho is."""
-        target = conditionals[name].natural(state.mu, data)
-        before = elbo(data, state)
+        first sweep; the state unchanged when no rho is. Only the site's blanket terms and its
+        entropy change with its factor, so they alone are compared (the local ELBO)."""
+        cond = conditionals[name]
+        target, blanket = cond.natural_and_blanket(state.mu, data)
+        before = blanket + entropy(name, state)
         slack = ELBO_SLACK_ULPS * jnp.finfo(before.dtype).eps * jnp.maximum(1.0, jnp.abs(before))
 
-        def candidate(rho):
+        def candidate(carry):
+            rho = carry[0] / 2
             eta = jnp.where(first, target, (1 - rho) * state.eta[name] + rho * target)
             new = assign(name, state, eta)
-            return new, new.ok[name] & (first | (elbo(data, new) >= before - slack))
+            local = cond.blanket(new.mu, data) + entropy(name, new)
+            return rho, new, new.ok[name] & (first | (local >= before - slack))
 
-        def search(carry):
-            rho, _ = carry
-            return rho / 2, candidate(rho / 2)[1]
-
-        rho, accepted = jax.lax.while_loop(
-            lambda c: ~c[1] & (c[0] > MIN_STEP), search, (jnp.asarray(1.0), candidate(1.0)[1]))
-        new = candidate(rho)[0]
+        # rho = 1, 1/2, ..., MIN_STEP until one is accepted (the carry starts at rho = 2)
+        _, new, accepted = jax.lax.while_loop(
+            lambda c: ~c[2] & (c[0] > MIN_STEP), candidate,
+            (jnp.asarray(2.0), state, jnp.asarray(False)))
         state = jax.tree.map(lambda a, b: jnp.where(accepted, a, b), new, state)
         return state._replace(stalled={**state.stalled, name: ~accepted})
+
+    def entropy(name: str, state: CAVIState) -> Array:
+        """H[q_k] up to the base measure: sum over elements of A(eta) - eta . E[T]."""
+        return jnp.sum(state.log_partition[name]
+                       - jnp.sum(state.eta[name] * state.mean[name], -1))
 
     def step(data: list[Array], state: CAVIState) -> CAVIState:
         first = ~jnp.isfinite(state.elbo)
@@ -136,8 +142,7 @@ def cavi_kernel(model: ConjugateModel, damping: float = 0.0) -> CAVIKernel:
         False: q's exact ELBO)."""
         total = model.expected_log_joint(state.mu, data, bound)
         for name in conditionals:
-            entropy = state.log_partition[name] - jnp.sum(state.eta[name] * state.mean[name], -1)
-            total = total + jnp.sum(entropy)
+            total = total + entropy(name, state)
         return total
 
     return CAVIKernel(init, step, elbo, conditionals)

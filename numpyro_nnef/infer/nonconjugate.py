@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._jit import quick_jit
-from .algebra import X_ATOM, Poly, SampledBool, Stat, Term, Value, add, multiply, negate
+from .algebra import X_ATOM, Poly, SampledBool, Stat, Term, Value, add, fresh, multiply, negate
 from .numpy_eval import TRANSPARENT
 
 Array = jax.Array
@@ -72,8 +72,12 @@ class NonlinearTerm:
         return dataclasses.replace(self, weight=self.weight * c)
 
     def on_draws(self, draws: np.ndarray) -> np.ndarray:
-        """The term at draws of its predictor, (M,) + arg.shape -> (M,) + output shape."""
-        values = self.weight * np.asarray(jax.vmap(self.fn)(jnp.asarray(draws)))
+        """The term at draws of its predictor, (M,) + arg.shape -> (M,) + output shape (fn in
+        numpy where it can: op by op in JAX each primitive would be an XLA compilation)."""
+        from .interpreter import evaluate_in_numpy  # the interpreter imports this module
+
+        (fn_values,) = evaluate_in_numpy(jax.vmap(self.fn), np.asarray(draws))
+        values = self.weight * np.asarray(fn_values)
         summed = tuple(k + 1 for k in range(len(self.arg.shape)) if k not in self.kept)
         return values.sum(axis=summed)
 
@@ -541,6 +545,10 @@ class NonconjugateTerm:
         fixed = {n: jax.lax.stop_gradient(x) for n, x in means.items()}
         for name in self.sites:
             mean, spread = moments[name]
+            direct = self.variance(name, spread, data)
+            if direct is not None:
+                v = v + direct
+                continue
             jac = jax.jacfwd(lambda x, name=name: self.predictor({**fixed, name: x}, data))(
                 fixed[name])
             if spread.ndim == mean.ndim:  # scalar elements: Var per element
@@ -558,3 +566,31 @@ class NonconjugateTerm:
             concave = _softplus_coefficient(combined, self.shape) <= 0
             value = jnp.where(concave, polya_gamma_bound(combined, m, v), value)
         return jnp.sum(value)
+
+    def variance(self, name: str, spread: Array, data: Sequence[Array]) -> Array | None:
+        """Site ``name``'s part of Var[a], sum_j J_j Cov[x_j] J_j^T, without differentiating:
+        when the site is in one einsum term whose labels are all the output's or the site's
+        (an element label not the output's), J = da/dx is the product of the term's operands,
+        so the part is the term with the operands twice (the second copy on the element label
+        of Cov's second axis) and Cov for x. None otherwise (the caller takes J by forward
+        mode)."""
+        found = [k for k, t in enumerate(self.arg_terms) if name in {f.site for f in t.factors}]
+        if len(found) != 1:
+            return None
+        t = self.arg_terms[found[0]]
+        (factor,) = t.factors
+        labels = factor.labels
+        if len(set(labels)) != len(labels) or any(
+                i not in {*t.out, *labels} for _, lab in t.operands for i in lab):
+            return None
+        position = 2 + sum(len(u.operands) for u in self.arg_terms[:found[0]])
+        ops = tuple((data[position + i], lab) for i, (_, lab) in enumerate(t.operands))
+        elements = spread.ndim - len(labels)  # 0 (Var) or 1 (Cov)
+        second = dict(zip(labels[len(labels) - elements:] if elements else (), fresh(elements),
+                          strict=True))
+        if set(second) & set(t.out):  # J is diagonal in the element label: not a product
+            return None
+        twice = ops + tuple((a, tuple(second.get(i, i) for i in lab)) for a, lab in ops)
+        spread_labels = labels + tuple(second.values())
+        return Term(twice, (dataclasses.replace(factor, labels=spread_labels),), t.out).evaluate(
+            lambda _: spread, self.shape)
