@@ -19,7 +19,7 @@ Columns: max |dmean|/sd = max over compared scalars of |mean - mean_NUTS| / sd_N
 the range of sd / sd_NUTS over the compared scalars; ELBO z = (engine - Monte Carlo) / MCSE;
 first ratio = NUTS first s / CAVI first s.
 
-    python benchmarks/models.py [--models ...] [--quick] [--rerun]
+    python benchmarks/models.py [--models ...] [--methods ...] [--quick] [--rerun]
 
 Results are cached per unit in ``benchmarks/results/models.json`` (written atomically after
 every unit; an interrupted run resumes), the table goes to ``benchmarks/results/models.md``.
@@ -320,6 +320,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=sorted(MODELS))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rerun", action="store_true", help="ignore cached units")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                        help="the methods whose units run (with --rerun: rerun)")
     parser.add_argument("--unit")
     parser.add_argument("--config-json")
     parser.add_argument("--unit-output")
@@ -342,7 +344,7 @@ def main() -> None:
     done = set() if args.rerun else set(rows)
     load_start = f"{os.getloadavg()[0]:.2f}"
     for name in args.models:
-        for method in METHODS:
+        for method in args.methods:
             key = f"{name}|{method}"
             if key in done:
                 continue

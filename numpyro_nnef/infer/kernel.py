@@ -1,7 +1,8 @@
 """The CAVI kernel: pure functions ``init``, ``step`` (one sweep) and ``elbo`` of one model
 structure, in the style of BlackJAX (no state outside their arguments, jit- and loop-able).
 
-A sweep visits the sites in model order and sets each factor to its complete conditional
+A sweep visits the sites from the most factors to the fewest (local before global sites; model
+order among equals) and sets each factor to its complete conditional
 (``conditional.py``); the ELBO is E_q[log p] + sum_k sum_elements (A_k(eta_k) - eta_k . E[T_k])
 (the entropies; the families' base measures are constant).
 """
@@ -57,6 +58,10 @@ def cavi_kernel(model: ConjugateModel, damping: float = 0.0) -> CAVIKernel:
     if not 0.0 <= damping < 1.0:
         raise ValueError(f"damping must be in [0, 1), got {damping}")
     conditionals = complete_conditionals(model)
+    # local sites (many factors, e.g. one per data point) before global ones, as in Blei et
+    # al.'s CAVI: the first sweep assigns the locals from the globals' random points, which
+    # breaks the symmetry of mixtures instead of averaging random assignments
+    order = sorted(conditionals, key=lambda n: -element_count(conditionals[n]))
 
     def init(mu: Mapping[str, np.ndarray]) -> CAVIState:
         eta, mean, log_z, ok = {}, {}, {}, {}
@@ -120,7 +125,8 @@ def cavi_kernel(model: ConjugateModel, damping: float = 0.0) -> CAVIKernel:
 
     def step(data: list[Array], state: CAVIState) -> CAVIState:
         first = ~jnp.isfinite(state.elbo)
-        for name, cond in conditionals.items():
+        for name in order:
+            cond = conditionals[name]
             if cond.nonconjugate:
                 state = searched(name, data, state, first)
                 continue
