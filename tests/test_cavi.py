@@ -1,6 +1,8 @@
 """CAVI on plain NumPyro models: the symbolic form, family resolution, fixed points, bad input."""
 
+import sys
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,10 @@ from numpyro.infer.util import log_density
 
 import numpyro_nnef as nnef
 from numpyro_nnef.infer.interpreter import trace_log_density
+
+# the textbook models of the benchmark, written as their sources write them
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from textbook import gmm_lognormal_scale  # noqa: E402
 
 MU0, LAM0, A0, B0 = 0.5, 2.0, 3.0, 2.0
 
@@ -268,6 +274,41 @@ def test_gaussian_mixture_monotone_and_recovers_clusters():
     probs = np.asarray(result.state.mean["z"])
     order = np.argsort(np.asarray(result.state.mean["mu"])[:, 0])
     assert np.all(probs[:, order][np.arange(45), np.repeat(np.arange(3), 15)] > 0.99)
+
+
+def test_mixture_starts_escape_the_symmetric_saddle():
+    """A mixture with a LogNormal scale prior (Quadrature family): a single start can creep
+    along the symmetric saddle (both components at the data's mean, the scale at the data's
+    sd) and is reported as not converged; the default 8 starts reach the separated optimum
+    from every key, with the scale near the clusters' own sd and a checked ELBO."""
+    y = np.r_[np.random.default_rng(0).normal(-3, 1, 15), np.random.default_rng(1).normal(
+        3, 1, 15)]
+    cavi = nnef.CAVI(gmm_lognormal_scale, nnef.CAVIGuide(gmm_lognormal_scale))
+    stuck = None
+    for seed in range(8):  # about one start in three falls into the saddle
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            single = cavi.run(jax.random.key(seed), 150, y, num_starts=1, progress_bar=False)
+        if not single.converged:
+            stuck = single
+            assert any("not converged after 150 sweeps" in str(w.message) for w in caught)
+            break
+    assert stuck is not None, "no single start fell into the saddle: the test shows nothing"
+    best = []
+    for seed in range(4):
+        guide = nnef.CAVIGuide(gmm_lognormal_scale)
+        result = nnef.CAVI(gmm_lognormal_scale, guide).run(jax.random.key(seed), 150, y,
+                                                           progress_bar=False)
+        assert result.converged
+        best.append(result.elbo[-1])
+    np.testing.assert_allclose(best, best[0], rtol=1e-9)
+    assert best[0] > stuck.elbo[-1] + 10
+    sigma = guide.distribution("sigma", result.params["sigma_eta"])
+    draws = sigma.sample(jax.random.key(7), (4000,))
+    assert 0.8 < float(jnp.mean(draws)) < 1.3
+    assert result.check_elbo(jax.random.key(8), 2000).passed()
+    with pytest.raises(ValueError, match="num_starts"):
+        nnef.CAVI(gmm_lognormal_scale, guide).run(jax.random.key(0), 10, y, num_starts=0)
 
 
 def nmf(Y, k=2):

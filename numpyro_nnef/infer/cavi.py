@@ -363,10 +363,23 @@ class CAVI:
         self._program, self._program_key, self._analysis_key = program, key, rng_key
         self._data = [np.asarray(a) for a in cm.data()]
         self._data_args = _leaves(args, kwargs)
-        # numpy until the first compiled sweep (eager jnp calls would each compile)
-        return self._program.kernel.init({name: cm.site_stat_batch(name, np.asarray(
-            cm.initial_values[name]).reshape((-1, *site.element_shape))).reshape(
+        return self._start(cm.initial_values)
+
+    def _start(self, values: Mapping[str, np.ndarray]) -> CAVIState:
+        """Every factor at the statistics of the point ``values`` (in numpy until the first
+        compiled sweep: eager jnp calls would each compile)."""
+        cm = self.guide._require()
+        return self._program_or_raise().kernel.init({name: cm.site_stat_batch(name, np.asarray(
+            values[name]).reshape((-1, *site.element_shape))).reshape(
             (*site.batch_shape, -1)) for name, site in cm.sites.items()})
+
+    def _random_starts(self, rng_key: Array, num: int) -> list[CAVIState]:
+        """``num`` states at further random points of the sites' supports."""
+        from .conjugacy import support_draws
+        cm = self.guide._require()
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(rng_key)).ravel().tolist())
+        return [self._start({name: support_draws(site.prior, 1, rng)[0]
+                             for name, site in cm.sites.items()}) for _ in range(num)]
 
     def _data_for(self, args: tuple, kwargs: dict) -> list[Array]:
         """The compiled program's data arguments for these model arguments (those of ``init``
@@ -406,12 +419,20 @@ class CAVI:
 
     # -------------------------------------------------------------- the loop
     def run(self, rng_key: Array, num_steps: int, *args: Any, progress_bar: bool = True,
-            init_state: CAVIState | None = None, **kwargs: Any) -> CAVIResult:
+            init_state: CAVIState | None = None, num_starts: int | None = None,
+            **kwargs: Any) -> CAVIResult:
         """Up to ``num_steps`` sweeps from a random point of the support (or ``init_state``);
         stops when |ELBO change| <= tol max(1, |ELBO|). The sweeps run in a compiled
-        ``lax.while_loop``, in chunks of up to CHUNK sweeps between progress-bar updates."""
+        ``lax.while_loop``, in chunks of up to CHUNK sweeps between progress-bar updates.
+
+        ``num_starts`` random starting points each get PILOT_SWEEPS sweeps and the run goes on
+        from the one with the highest ELBO (the sweeps of the others are not counted); the
+        default is NUM_STARTS_DISCRETE for models with a discrete latent site (mixtures, topic
+        models and HMMs have symmetric saddles a start can fall into), 1 otherwise."""
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if num_starts is not None and num_starts < 1:
+            raise ValueError(f"num_starts must be >= 1, got {num_starts}")
         start = time.perf_counter()
         if init_state is None:
             state = self.init(rng_key, *args, **kwargs)
@@ -419,11 +440,24 @@ class CAVI:
         else:
             state, data = init_state, self._data_for(args, kwargs)
         program = self._program_or_raise()
+        if num_starts is None:
+            num_starts = 1 if init_state is not None or not any(
+                site.support.is_discrete for site in self.guide._require().sites.values()
+            ) else NUM_STARTS_DISCRETE
         previous = jnp.full((), -jnp.inf, dtype=jnp.result_type(float))
-        history, done = [], 0
+        history, done, stopped = [], 0, False
         from tqdm.auto import tqdm
         with tqdm(total=num_steps, desc="CAVI", disable=not progress_bar) as bar:
-            while done < num_steps:
+            if num_starts > 1:
+                pilot = min(PILOT_SWEEPS, num_steps)
+                runs = [program.loop(data, s, previous, pilot, self.tol) for s in
+                        [state, *self._random_starts(jax.random.fold_in(rng_key, 1),
+                                                     num_starts - 1)]]
+                state, previous, trace, steps = max(runs, key=lambda r: _final_elbo(r[0]))
+                done = int(steps)
+                history, stopped = [np.asarray(trace)[:done]], done < pilot
+                bar.update(done)
+            while done < num_steps and not stopped:
                 size = min(CHUNK, num_steps - done)
                 state, previous, trace, steps = program.loop(data, state, previous, size,
                                                              self.tol)
@@ -440,6 +474,12 @@ class CAVI:
         wall = time.perf_counter() - start
         self._check(state, elbo, data)
         converged = len(elbo) >= 2 and bool(_converged(elbo[-2], elbo[-1], self.tol, np))
+        if not converged and done == num_steps:
+            warnings.warn(
+                f"CAVI: not converged after {num_steps} sweeps (last ELBO change "
+                f"{float(np.diff(elbo)[-1]) if len(elbo) >= 2 else float('nan'):.3g}); "
+                f"continue with run(..., init_state=result.state), or try num_starts > 1 if it "
+                f"creeps away from a saddle", RuntimeWarning, stacklevel=2)
         exact = (float(program.exact_elbo(data, state)) if self.guide.augment and done
                  else None)
         return CAVIResult(self.get_params(state), elbo, converged, done, wall, state,
@@ -493,6 +533,12 @@ class CAVI:
                           RuntimeWarning, stacklevel=3)
 
 
+def _final_elbo(state: CAVIState) -> float:
+    """A run's ELBO for choosing among starts (-inf if a factor left its domain)."""
+    ok = all(bool(v) for v in state.ok.values())
+    return float(state.elbo) if ok and np.isfinite(float(state.elbo)) else -np.inf
+
+
 def _converged(previous: Array, current: Array, tol: float, xp: Any = jnp) -> Array:
     """|ELBO change| <= tol max(1, |ELBO|), in jnp (inside the loop) or numpy (``xp``)."""
     return xp.abs(current - previous) <= tol * xp.maximum(1.0, xp.abs(current))
@@ -534,6 +580,8 @@ def _leaves(args: tuple, kwargs: dict) -> list[Any]:
 
 STALL_TOLERANCE = 0.05  # a stall this close (sd of q) to the fixed point is convergence
 CHUNK = 256  # sweeps per compiled loop call (between progress-bar updates)
+NUM_STARTS_DISCRETE = 8  # default starting points for models with a discrete latent site
+PILOT_SWEEPS = 10  # sweeps from each starting point before the best one is kept
 MAX_PROGRAMS = 32
 # compiled programs by (model structure, damping): new data of the same shapes reuses them
 _PROGRAMS: BoundedCache[tuple, _Program] = BoundedCache(MAX_PROGRAMS)
