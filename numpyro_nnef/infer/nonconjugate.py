@@ -29,6 +29,7 @@ import numpy as np
 
 from .._jit import quick_jit
 from .algebra import X_ATOM, Poly, SampledBool, Stat, Term, Value, add, fresh, multiply, negate
+from .cache import BoundedCache
 from .numpy_eval import TRANSPARENT
 
 Array = jax.Array
@@ -499,9 +500,14 @@ class NonconjugateTerm:
         arg = terms[0].arg
         weight = np.stack([np.broadcast_to(t.weight, arg.shape) for t in terms])
         words = max((t.words for t in terms), key=len)
-        combined = _combined(tuple(t.fn for t in terms), jnp.asarray(weight))
-        return cls(tuple(t.fn for t in terms), *kinds(combined, arg.shape),
-                   tuple(t.key for t in terms), words,
+        keys = tuple(t.key for t in terms)
+        # the keys name each fn with its constants, so (keys, weights) names the combined f
+        probe_key = (keys, tuple(arg.shape), weight.dtype.str, weight.tobytes())
+        found = _KINDS.get(probe_key)
+        if found is None:
+            combined = _combined(tuple(t.fn for t in terms), jnp.asarray(weight))
+            found = _KINDS.put(probe_key, kinds(combined, arg.shape))
+        return cls(tuple(t.fn for t in terms), *found, keys, words,
                    tuple(arg.shape), weight, np.broadcast_to(arg.constant, arg.shape).copy(),
                    tuple(arg.terms))
 
@@ -594,3 +600,7 @@ class NonconjugateTerm:
         spread_labels = labels + tuple(second.values())
         return Term(twice, (dataclasses.replace(factor, labels=spread_labels),), t.out).evaluate(
             lambda _: spread, self.shape)
+
+
+# kinds() of the combined terms of past analyses (each probe is a compilation)
+_KINDS: BoundedCache[tuple, tuple[bool, bool]] = BoundedCache(128)
