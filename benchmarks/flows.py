@@ -67,6 +67,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from plots import plot_flows
 from results_cache import read_results, save_result, write_atomic
 
 import numpyro_nnef as nnef
@@ -724,7 +725,8 @@ def main() -> None:
                         if args.quick else "")
     write_atomic(md_path, markdown(rows, config, args.families, args.architectures, version,
                                    note))
-    print(f"[flows] wrote {md_path} and {json_path}", flush=True)
+    plot_flows(rows, md_path.with_suffix(".png"))
+    print(f"[flows] wrote {md_path}, its figure and {json_path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -314,6 +314,7 @@ def markdown(rows: dict, config: dict, names: list[str], load: tuple[str, str]) 
 
 
 def main() -> None:
+    from plots import plot_models
     from textbook import MODELS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -353,6 +354,8 @@ def main() -> None:
     order = [n for n in MODELS if n in args.models]
     table = markdown(rows, config, order, (load_start, f"{os.getloadavg()[0]:.2f}"))
     write_atomic(ROOT / (config["output"] + ".md"), table)
+    plot_models({k: rows[k] for k in rows if k.split("|")[0] in order},
+                ROOT / (config["output"] + ".png"))
     print(table)
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from plots import plot_oracles
 
 from numpyro_nnef import ExactOracle, ExpectationDataset, families, generate_dataset, sample_etas
 from numpyro_nnef.nn import ARCHITECTURES, FLOW_ARCHITECTURES
@@ -553,7 +554,8 @@ def main() -> None:
     tmp.write_text(markdown(shown, config, datasets, labels, time.perf_counter() - start,
                             args.note))
     os.replace(tmp, md_path)
-    print(f"[oracles] wrote {md_path} and {json_path}", flush=True)
+    plot_oracles(shown, md_path.with_suffix(".png"))
+    print(f"[oracles] wrote {md_path}, its figure and {json_path}", flush=True)
 
 
 if __name__ == "__main__":
