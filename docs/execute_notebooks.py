@@ -36,18 +36,23 @@ def collapse_carriage_returns(text: str) -> str:
 
 
 def clean_outputs(nb) -> None:
-    """Collapse progress-bar updates and drop the widget warning in every stream output."""
+    """Merge consecutive stream outputs of one stream (a progress bar sends one per update),
+    collapse their carriage returns and drop the widget warning."""
     for cell in nb.cells:
         if cell.cell_type != "code":
             continue
-        kept = []
+        merged = []
         for out in cell.outputs:
+            if (out.output_type == "stream" and merged and merged[-1].output_type == "stream"
+                    and merged[-1].name == out.name):
+                merged[-1].text += out.text
+            else:
+                merged.append(out)
+        for out in merged:
             if out.output_type == "stream":
                 out.text = _NOISE.sub("", collapse_carriage_returns(out.text))
-                if not out.text.strip():
-                    continue
-            kept.append(out)
-        cell.outputs = kept
+        cell.outputs = [out for out in merged
+                        if out.output_type != "stream" or out.text.strip()]
 
 
 def execute(path: Path, kernels: Path) -> float:

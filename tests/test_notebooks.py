@@ -9,6 +9,7 @@ their own assertions, so wrong numbers fail as well as exceptions.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -54,13 +55,21 @@ def test_notebook_runs(path: Path, tmp_path: Path, kernel_spec_manager: KernelSp
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_committed_without_outputs(path: Path):
-    """Notebooks are kept without outputs so that diffs stay small."""
+def test_notebook_committed_executed(path: Path):
+    """Notebooks are committed executed (``make notebooks``), so that a repository browser and
+    the docs show their results: every code cell ran once, in order, without an error, and the
+    notebook opens with a markdown cell saying how long it runs."""
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
-    dirty = [i for i, cell in enumerate(nb.cells)
-             if cell.cell_type == "code" and (cell.outputs or cell.execution_count is not None)]
-    assert not dirty, f"{path.name}: clear the outputs of cells {dirty}"
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1)), (
+        f"{path.name}: execute it from the start (make notebooks)")
+    errors = [i for i, cell in enumerate(code)
+              if any(out.output_type == "error" for out in cell.outputs)]
+    assert not errors, f"{path.name}: code cells {errors} stored an error"
+    first = nb.cells[0]
+    assert first.cell_type == "markdown" and re.search(r"runs on CPU in \w+ \w+", first.source), (
+        f"{path.name}: the first cell must say what it shows and how long it runs")
 
 
 def test_kernel_is_this_interpreter(kernel_spec_manager: KernelSpecManager):
