@@ -65,7 +65,8 @@ class ExponentialFamily:
     """Base class: subclass and implement :meth:`statistics` (and optionally the log base measure).
 
     Class attributes (or instance attributes set in ``__init__``): name, event_shape, support
-    (a numpyro constraint), natural_constraint (a NaturalDomain). Subclasses with a closed-form log-partition set ``has_closed_form = True`` and implement
+    (a numpyro constraint), natural_constraint (a NaturalDomain). Subclasses with a closed-form
+    log-partition set ``has_closed_form = True`` and implement
     ``closed_form_log_partition(eta)`` for one flat eta (``ExactOracle`` uses it), and may
     implement ``closed_form_mean(eta)`` (= grad A, a smaller program than autodiff) and
     ``closed_form_mean_and_log_partition(eta)`` (both from one computation),
