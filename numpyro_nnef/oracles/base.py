@@ -31,7 +31,7 @@ from ..family import Array, ExponentialFamily, OutOfDomainError
 
 _CHECK_DOMAIN = contextvars.ContextVar("numpyro_nnef_check_domain", default=True)
 # frames of these packages are not a call site (the user's line that called the oracle is)
-_INTERNAL_MODULES = ("numpyro_nnef", "jax", "jaxlib", "flax")
+_INTERNAL_MODULES = ("numpyro_nnef", "numpyro", "jax", "jaxlib", "flax")
 
 
 @contextlib.contextmanager
@@ -47,7 +47,8 @@ def trusted_domain() -> Iterator[None]:
 
 
 def _call_site() -> tuple[str, int]:
-    """(file, line) of the innermost frame outside numpyro_nnef and JAX: the caller's line."""
+    """(file, line) of the innermost frame outside numpyro(_nnef), JAX and Flax: the line that
+    called the oracle (or ran the NumPyro inference that did)."""
     frame = sys._getframe(1)
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
@@ -134,7 +135,7 @@ class Oracle:
                 )
             return out
         outside = jnp.sum(~inside)
-        report = partial(self._report_outside, name, _call_site())
+        report = partial(self._warn_outside_domain, name, _call_site())
         flag = jax.lax.cond(
             outside > 0,
             lambda: jax.pure_callback(report, jax.ShapeDtypeStruct((), jnp.int32), outside,
@@ -157,7 +158,7 @@ class Oracle:
                 inside = inside & jnp.all(jnp.isfinite(leaf).reshape(inside.shape + (-1,)), axis=-1)
         return out, inside
 
-    def _report_outside(self, name: str, site: tuple[str, int], outside: np.ndarray
+    def _warn_outside_domain(self, name: str, site: tuple[str, int], outside: np.ndarray
                         ) -> np.ndarray:
         """Host side of the traced check: warn, once per call site, that ``outside`` eta were
         outside the natural domain; returns zeros shaped like ``outside``."""
