@@ -155,11 +155,12 @@ class Oracle:
         inside = self.family.in_domain(eta)
         if self.family.natural_constraint is None:  # the domain is where A(eta) < inf
             for leaf in jax.tree.leaves(out):
-                inside = inside & jnp.all(jnp.isfinite(leaf).reshape(inside.shape + (-1,)), axis=-1)
+                inside = inside & jnp.all(jnp.isfinite(leaf),
+                                          axis=tuple(range(inside.ndim, leaf.ndim)))
         return out, inside
 
     def _warn_outside_domain(self, name: str, site: tuple[str, int], outside: np.ndarray
-                        ) -> np.ndarray:
+                             ) -> np.ndarray:
         """Host side of the traced check: warn, once per call site, that ``outside`` eta were
         outside the natural domain; returns zeros shaped like ``outside``."""
         count = int(np.sum(outside))
