@@ -9,7 +9,7 @@ family without ``natural_constraint``, that the result is finite, i.e. A(eta) < 
 call raises :class:`OutOfDomainError` naming the oracle, the domain and the first bad eta. Under a
 transformation (jit, vmap, grad) the result is NaN there and a warning names the oracle and the
 domain, once per call site: a host callback inside ``lax.cond`` that runs only when some eta is
-outside (under vmap the condition is per element, so the callback runs once per execution).
+outside (under vmap the counts are summed first: ``custom_vmap``).
 Callers that keep eta inside the domain themselves skip the check in ``trusted_domain()``.
 """
 
@@ -19,13 +19,14 @@ import contextlib
 import contextvars
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import custom_vmap
 
 from ..family import Array, ExponentialFamily, OutOfDomainError
 
@@ -65,6 +66,27 @@ def map_over_batch(fn, x: Array, event_ndim: int = 1) -> Array:
     flat = x.reshape((-1,) + x.shape[x.ndim - event_ndim:])
     out = jax.vmap(fn)(flat)
     return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+
+def _host_report(report: Callable[[np.ndarray], np.ndarray]) -> Callable[[Array], Array]:
+    """``count -> 0`` that calls ``report(count)`` on the host only when count > 0 (a
+    ``pure_callback`` in ``lax.cond``); under vmap the counts are summed first, so the condition
+    stays unbatched and the host is called at most once per execution."""
+
+    @custom_vmap
+    def flag(count: Array) -> Array:
+        return jax.lax.cond(
+            count > 0,
+            lambda: jax.pure_callback(report, jax.ShapeDtypeStruct((), jnp.int32), count),
+            lambda: jnp.zeros((), jnp.int32),
+        )
+
+    @flag.def_vmap
+    def _batched_flag(axis_size: int, in_batched: list[bool], count: Array
+                      ) -> tuple[Array, bool]:
+        return flag(jnp.sum(count) if in_batched[0] else count), False
+
+    return flag
 
 
 class Oracle:
@@ -134,15 +156,8 @@ class Oracle:
                     f"first at {self.family.first_outside(np.asarray(eta), inside)}"
                 )
             return out
-        outside = jnp.sum(~inside)
-        report = partial(self._warn_outside_domain, name, _call_site())
-        flag = jax.lax.cond(
-            outside > 0,
-            lambda: jax.pure_callback(report, jax.ShapeDtypeStruct((), jnp.int32), outside,
-                                      vmap_method="broadcast_all"),
-            lambda: jnp.zeros((), jnp.int32),
-        )
-        keep = inside & (flag == 0)  # flag is 0: it ties the report to the result
+        report = _host_report(partial(self._warn_outside_domain, name, _call_site()))
+        keep = inside & (report(jnp.sum(~inside)) == 0)  # it is 0: this ties it to the result
         return jax.tree.map(
             lambda o: jnp.where(keep.reshape(keep.shape + (1,) * (o.ndim - keep.ndim)), o,
                                 jnp.nan), out)
@@ -162,8 +177,8 @@ class Oracle:
     def _warn_outside_domain(self, name: str, site: tuple[str, int], outside: np.ndarray
                              ) -> np.ndarray:
         """Host side of the traced check: warn, once per call site, that ``outside`` eta were
-        outside the natural domain; returns zeros shaped like ``outside``."""
-        count = int(np.sum(outside))
+        outside the natural domain; returns 0."""
+        count = int(outside)
         reported = self.__dict__.setdefault("_reported_sites", set())
         if count and (name, site) not in reported:
             reported.add((name, site))
@@ -172,7 +187,7 @@ class Oracle:
                 f"{self.family.name} ({self.family.domain_description}) under a JAX "
                 f"transformation; the result is NaN there (reported once for this call site)",
                 RuntimeWarning, site[0], site[1])
-        return np.zeros(np.shape(outside), np.int32)
+        return np.zeros((), np.int32)
 
     def natural_from_mean(self, mu: Array, *, init: Array | None = None,
                           max_steps: int = 100, tol: float = 1e-9) -> Array:
