@@ -4,8 +4,10 @@ save/load identity, training-range checks and bad input.
 Datasets here are synthetic: exact E[T] plus Gaussian noise of a known MCSE (the trainer is what
 is tested; NUTS datasets are covered in test_sampling and the benchmark)."""
 
+import ast
 import json
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -296,6 +298,22 @@ def test_incomplete_or_foreign_oracle_directory(mlp_oracle, tmp_path):
         load_oracle(broken)
     with pytest.raises(ValueError, match="oracle is for Gaussian"):
         load_oracle(out, family=LaplaceProduct(1))
+    (broken / "weights.npz").write_bytes((out / "weights.npz").read_bytes())
+    (broken / "oracle.json").write_text(json.dumps({**config, "protocol": {"name": "sgd",
+                                                                           "options": {}}}))
+    with pytest.raises(ValueError, match="protocol 'sgd', which is not registered.*regression"):
+        load_oracle(broken)
+
+
+def test_oracles_do_not_import_the_training_layer():
+    """oracles/ sits below training/: load_oracle finds protocols in oracles.neural's registry,
+    which training.protocols fills."""
+    package = Path(nnef.__file__).parent
+    for path in sorted((package / "oracles").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                assert "training" not in module, f"{path.name} imports {module}"
 
 
 def test_distribution_accepts_a_trained_oracle(gaussian_data, mlp_oracle):
