@@ -13,7 +13,6 @@ the built-in ``configs/demo.toml``. ``summary FILE`` prints a saved dataset's di
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import sys
@@ -300,38 +299,13 @@ def check_model_choice(architecture: str, protocol: str,
 
 def resolve_family(name: str, kwargs: dict[str, Any]):
     """A built-in family by registry name, or ``"module:attribute"`` (an instance, a class or a
-    factory called with ``kwargs``)."""
-    from .family import ExponentialFamily
+    factory called with ``kwargs``); see ``families.resolve_family``."""
+    from .families import resolve_family as resolve
 
-    if ":" in name:
-        module_name, _, attribute = name.partition(":")
-        try:
-            obj = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"[family] name {name!r}: cannot import it ({err})") from None
-        if not isinstance(obj, ExponentialFamily):
-            try:
-                obj = obj(**kwargs)
-            except TypeError as err:
-                raise ConfigError(f"[family] {name}: bad arguments {kwargs}: {err}") from None
-        elif kwargs:
-            raise ConfigError(f"[family] {name} is an instance; it takes no arguments")
-    else:
-        try:
-            from .families import REGISTRY
-        except ImportError as err:  # pragma: no cover - families not installed
-            raise ConfigError(f"built-in families are unavailable: {err}") from None
-        if name not in REGISTRY:
-            raise ConfigError(f"unknown family {name!r}; known families: "
-                              f"{', '.join(sorted(REGISTRY))} (or 'package.module:attribute')")
-        try:
-            obj = REGISTRY[name](**kwargs)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(f"[family] {name}: bad arguments {kwargs}: {err}") from None
-    if not isinstance(obj, ExponentialFamily):
-        raise ConfigError(f"[family] {name} did not give an ExponentialFamily "
-                          f"(got {type(obj).__name__})")
-    return obj
+    try:
+        return resolve(name, kwargs)
+    except ValueError as err:
+        raise ConfigError(f"[family] {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------

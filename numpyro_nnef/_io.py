@@ -85,8 +85,9 @@ def read_record(directory: str | os.PathLike, *, what: str, config_file: str, we
                 format_name: str, versions: tuple[int, ...], family: Any = None
                 ) -> tuple[dict[str, Any], bytes, Any]:
     """(config, weights payload, family) of a saved learned map, each part validated: both
-    files present, the JSON's format and version, the weights' SHA-256, and the family (rebuilt
-    from the record when not given) equal to the recorded one."""
+    files present, the JSON's format and version, the weights' SHA-256, and the family (a
+    family, a ``"package.module:attribute"`` reference, or None to rebuild a built-in one from
+    the record) equal to the recorded one."""
     directory = Path(directory)
     config_path, weights_path = directory / config_file, directory / weights_file
     for path in (config_path, weights_path):
@@ -106,10 +107,9 @@ def read_record(directory: str | os.PathLike, *, what: str, config_file: str, we
                          f"package reads {readable}")
     payload = read_checked_weights(weights_path, config, config_file)
     recorded = config["family"]
-    if family is None:
-        from .families import family_from_description
+    from .families import family_from_description, resolve_family
 
-        family = family_from_description(recorded)
+    family = family_from_description(recorded) if family is None else resolve_family(family)
     if family.name != recorded["name"] or list(family.stat_labels) != recorded["stat_labels"]:
         raise ValueError(f"{directory}: {what} is for {recorded['name']} "
                          f"{recorded['stat_labels']}, got {family.name} "

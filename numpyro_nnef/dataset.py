@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ._io import atomic_write
+from .family import ExponentialFamily
 
 __all__ = ["ExpectationDataset", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -58,7 +59,10 @@ class ExpectationDataset:
     used), retries: (N,) int; passed: (N,) bool (all diagnostics within the thresholds).
     ``metadata`` is JSON-able (sampler settings, key, versions, family description);
     ``extras`` holds optional per-point float/int/bool arrays of leading size N (e.g. a PSIS
-    k-hat). Arrays are read-only copies.
+    k-hat). Arrays are read-only copies. ``family`` is the family object itself when known
+    (kept in memory by ``generate_dataset``, ``importance_dataset``, ``subset`` and ``load(...,
+    family=)``, never written to the file), so ``train_oracle`` needs no ``family=`` for a user
+    family.
     """
 
     family_name: str
@@ -76,6 +80,7 @@ class ExpectationDataset:
     passed: np.ndarray
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     extras: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    family: ExponentialFamily | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.family_name, str) or not self.family_name:
@@ -130,6 +135,11 @@ class ExpectationDataset:
         except (TypeError, ValueError) as err:
             raise ValueError(f"metadata must be JSON-serialisable: {err}") from err
         object.__setattr__(self, "metadata", metadata)
+        if self.family is not None:
+            if not isinstance(self.family, ExponentialFamily):
+                raise TypeError(f"family must be an ExponentialFamily, got "
+                                f"{type(self.family).__name__}")
+            self.check_family(self.family)
 
     # ------------------------------------------------------------------ basics
     def __len__(self) -> int:
@@ -163,7 +173,7 @@ class ExpectationDataset:
         arrays = {name: getattr(self, name)[idx] for name in _ARRAYS}
         return ExpectationDataset(
             family_name=self.family_name, stat_labels=self.stat_labels, metadata=self.metadata,
-            extras={k: v[idx] for k, v in self.extras.items()}, **arrays,
+            extras={k: v[idx] for k, v in self.extras.items()}, family=self.family, **arrays,
         )
 
     def split(self, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0
@@ -243,12 +253,14 @@ class ExpectationDataset:
         return atomic_write(path, lambda f: np.savez(f, **payload))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, family=None) -> ExpectationDataset:
+    def load(cls, path: str | os.PathLike,
+             family: ExponentialFamily | str | None = None) -> ExpectationDataset:
         """Read a file written by :meth:`save` (``np.load(allow_pickle=False)``, never unpickles).
 
-        Raises ValueError naming the cause for a missing/truncated/foreign file, wrong keys,
-        shapes or dtypes, non-finite eta, an unknown format version, or (when ``family`` is
-        given) a different family name or statistic layout.
+        ``family`` (a family or a ``"package.module:attribute"`` reference) is checked against
+        the file and kept by the dataset. Raises ValueError naming the cause for a
+        missing/truncated/foreign file, wrong keys, shapes or dtypes, non-finite eta, an unknown
+        format version, or a different family name or statistic layout.
         """
         path = Path(path)
         where = f"{str(path)!r}"
@@ -324,7 +336,9 @@ class ExpectationDataset:
         except ValueError as err:
             raise ValueError(f"{where}: invalid dataset: {err}") from err
         if family is not None:
-            dataset.check_family(family)
+            from .families import resolve_family
+
+            dataset = dataclasses.replace(dataset, family=resolve_family(family))
         return dataset
 
     def check_family(self, family) -> None:

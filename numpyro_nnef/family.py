@@ -208,6 +208,23 @@ class ExponentialFamily:
             )
         return eta
 
+    @property
+    def domain_description(self) -> str:
+        """The natural domain in words (for messages)."""
+        if self.natural_constraint is None:
+            return "A(eta) < inf; the family has no natural_constraint"
+        return self.natural_constraint.description
+
+    def first_outside(self, eta: np.ndarray, inside: np.ndarray) -> str:
+        """Where the first eta with ``inside`` False is, e.g. "batch index (1,): eta = (x=1,
+        x2=2)" (``eta`` of shape ``batch + (stat_dim,)``, ``inside`` of shape ``batch``)."""
+        inside = np.asarray(inside, bool)
+        index = np.unravel_index(int(np.argmin(inside.reshape(-1))), inside.shape)
+        values = np.asarray(eta).reshape(inside.shape + (self.stat_dim,))[index]
+        coordinates = ", ".join(f"{label}={float(v):.6g}"
+                                for label, v in zip(self.stat_labels, values, strict=True))
+        return f"batch index {tuple(int(i) for i in index)}: eta = ({coordinates})"
+
     def check_statistics(self, key: Array, num_points: int = 256, scale: float = 3.0) -> None:
         """Raise ValueError if T(x) or log h(x) is not finite at random points of the support.
 

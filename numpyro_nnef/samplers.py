@@ -842,7 +842,7 @@ def importance_dataset(
         metadata["redo_with_nuts"] = nuts.metadata["sampler"]
     return ExpectationDataset(
         family_name=family.name, stat_labels=tuple(family.stat_labels),
-        eta=np.asarray(etas, np.float64), **columns, metadata=metadata,
+        eta=np.asarray(etas, np.float64), **columns, metadata=metadata, family=family,
         extras={"khat": khat, "log_z": stack("log_z"), "log_z_mcse": stack("log_z_mcse"),
                 "dropped": dropped, "redone_with_nuts": redone},
     )

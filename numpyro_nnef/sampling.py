@@ -668,5 +668,5 @@ def generate_dataset(
     }
     return ExpectationDataset(
         family_name=family.name, stat_labels=tuple(family.stat_labels), eta=etas_np,
-        metadata=metadata, **arrays,
+        metadata=metadata, family=family, **arrays,
     )

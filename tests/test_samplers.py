@@ -51,6 +51,7 @@ def test_importance_dataset_matches_exact_answers(family, sampler, etas):
     assert np.all(data.rhat == 1.0) and np.all(data.divergences == 0)
     assert np.all(data.num_samples == 2000) and np.all(data.extras["dropped"] == 0)
     assert data.metadata["sampler"]["method"] == "importance"
+    assert data.family is family  # kept in memory: train_oracle(data) needs no family=
     # point i uses fold_in(key, i): a padded last chunk does not change the result
     fewer = nnef.importance_dataset(family, sampler, etas[:5], key=jax.random.key(1),
                                     num_samples=2000, chunk_size=3, progress=False)

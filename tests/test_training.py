@@ -4,8 +4,10 @@ save/load identity, training-range checks and bad input.
 Datasets here are synthetic: exact E[T] plus Gaussian noise of a known MCSE (the trainer is what
 is tested; NUTS datasets are covered in test_sampling and the benchmark)."""
 
+import ast
 import json
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -186,7 +188,7 @@ def test_jit_and_vmap(gaussian_data, mlp_oracle):
 def test_out_of_range_warns_errors_or_ignores(gaussian_data, mlp_oracle, tmp_path):
     _, data = gaussian_data
     oracle, out = mlp_oracle
-    far = data.eta.max(0) + 1.0
+    far = data.eta.min(0) - 1.0  # inside the natural domain (eta[x2] < 0), outside the box
     with pytest.warns(RuntimeWarning, match="outside the training range"):
         oracle.mean(far)
     with pytest.warns(RuntimeWarning, match="outside the training range"):
@@ -296,6 +298,22 @@ def test_incomplete_or_foreign_oracle_directory(mlp_oracle, tmp_path):
         load_oracle(broken)
     with pytest.raises(ValueError, match="oracle is for Gaussian"):
         load_oracle(out, family=LaplaceProduct(1))
+    (broken / "weights.npz").write_bytes((out / "weights.npz").read_bytes())
+    (broken / "oracle.json").write_text(json.dumps({**config, "protocol": {"name": "sgd",
+                                                                           "options": {}}}))
+    with pytest.raises(ValueError, match="protocol 'sgd', which is not registered.*regression"):
+        load_oracle(broken)
+
+
+def test_oracles_do_not_import_the_training_layer():
+    """oracles/ sits below training/: load_oracle finds protocols in oracles.neural's registry,
+    which training.protocols fills."""
+    package = Path(nnef.__file__).parent
+    for path in sorted((package / "oracles").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = "." * node.level + (node.module or "")
+                assert "training" not in module, f"{path.name} imports {module}"
 
 
 def test_distribution_accepts_a_trained_oracle(gaussian_data, mlp_oracle):
@@ -307,3 +325,49 @@ def test_distribution_accepts_a_trained_oracle(gaussian_data, mlp_oracle):
     exact = nnef.EFDistribution(family, eta)
     np.testing.assert_allclose(d.log_prob(x), exact.log_prob(x), atol=0.02)
     np.testing.assert_allclose(d.mean, exact.mean, atol=0.05)
+
+
+QUARTIC_MODULE = '''
+import jax.numpy as jnp
+from numpyro_nnef import ExponentialFamily, NaturalDomain
+
+QUARTIC = ExponentialFamily.from_statistics(
+    "quartic", lambda x: {"x": x, "x2": x**2, "x3": x**3, "x4": x**4},
+    natural_constraint=NaturalDomain(lambda e: e[..., 3] < 0, "eta[x4] < 0", [0, 0, 0, -1]))
+'''
+
+
+def test_user_family_dataset_trains_without_family_and_reloads_by_reference(
+        tmp_path, monkeypatch):
+    (tmp_path / "nnef_user_quartic.py").write_text(QUARTIC_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from nnef_user_quartic import QUARTIC
+
+    u = np.asarray(jax.random.uniform(jax.random.key(5), (24, 4)))
+    etas = np.stack([u[:, 0] - 0.5, -0.5 * u[:, 1], 0.4 * u[:, 2] - 0.2, -0.3 - 0.7 * u[:, 3]],
+                    axis=1)
+    dataset = nnef.generate_dataset(QUARTIC, etas, key=jax.random.key(6), num_chains=2,
+                                    num_warmup=150, num_samples=300, chunk_size=24,
+                                    max_retries=0, min_ess=20, max_rhat=1.2, progress=False,
+                                    target_acceptance_rate=0.95)
+    assert dataset.family is QUARTIC and dataset.split()[0].family is QUARTIC
+    oracle = nnef.train_oracle(dataset, key=jax.random.key(7), num_anchors=4,
+                               **{**FAST, "max_epochs": 100})
+    assert oracle.family is QUARTIC
+    out = oracle.save(tmp_path / "quartic_oracle")
+
+    # the files hold no family object: a user family is named by reference (or passed)
+    with pytest.raises(ValueError, match="'quartic' is not a built-in family.*module:attribute"):
+        load_oracle(out)
+    loaded = load_oracle(out, family="nnef_user_quartic:QUARTIC")
+    assert loaded.family is QUARTIC
+    np.testing.assert_array_equal(np.asarray(loaded.mean(etas[:3])),
+                                  np.asarray(oracle.mean(etas[:3])))
+    with pytest.raises(ValueError, match="nnef_user_quartic:MISSING.*cannot import"):
+        load_oracle(out, family="nnef_user_quartic:MISSING")
+
+    path = dataset.save(tmp_path / "quartic.npz")
+    with pytest.raises(ValueError, match="'quartic' is not a built-in family.*module:attribute"):
+        nnef.train_oracle(nnef.ExpectationDataset.load(path), key=jax.random.key(0), **FAST)
+    reloaded = nnef.ExpectationDataset.load(path, family="nnef_user_quartic:QUARTIC")
+    assert reloaded.family is QUARTIC

@@ -3,17 +3,60 @@
 Every oracle works on one flat eta (``*_single`` methods) and the public methods map over any
 batch shape. Defaults follow the mathematics: mean = grad A, covariance = Hessian A = d mean/d eta,
 and the inverse minimises the convex A(eta) - eta . mu by damped Newton steps.
+
+No silent NaN: the public methods check that eta lies in the natural domain (``in_domain``; for a
+family without ``natural_constraint``, that the result is finite, i.e. A(eta) < inf). An eager
+call raises :class:`OutOfDomainError` naming the oracle, the domain and the first bad eta. Under a
+transformation (jit, vmap, grad) the result is NaN there and a warning names the oracle and the
+domain, once per call site: a host callback inside ``lax.cond`` that runs only when some eta is
+outside (under vmap the counts are summed first: ``custom_vmap``).
+Callers that keep eta inside the domain themselves skip the check in ``trusted_domain()``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import sys
 import warnings
+from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.custom_batching import custom_vmap
 
-from ..family import Array, ExponentialFamily
+from ..family import Array, ExponentialFamily, OutOfDomainError
+
+_CHECK_DOMAIN = contextvars.ContextVar("numpyro_nnef_check_domain", default=True)
+# frames of these packages are not a call site (the user's line that called the oracle is)
+_INTERNAL_MODULES = ("numpyro_nnef", "numpyro", "jax", "jaxlib", "flax")
+
+
+@contextlib.contextmanager
+def trusted_domain() -> Iterator[None]:
+    """Oracle calls made (or traced) inside skip the natural-domain check: for callers that
+    keep eta inside the domain themselves, such as CAVI, which replaces an improper candidate's
+    eta by a feasible point before it calls the oracle."""
+    token = _CHECK_DOMAIN.set(False)
+    try:
+        yield
+    finally:
+        _CHECK_DOMAIN.reset(token)
+
+
+def _call_site() -> tuple[str, int]:
+    """(file, line) of the innermost frame outside numpyro(_nnef), JAX and Flax: the line that
+    called the oracle (or ran the NumPyro inference that did)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.split(".", 1)[0] not in _INTERNAL_MODULES:
+            return frame.f_code.co_filename, frame.f_lineno
+        frame = frame.f_back
+    return "<unknown>", 0
 
 
 def map_over_batch(fn, x: Array, event_ndim: int = 1) -> Array:
@@ -23,6 +66,27 @@ def map_over_batch(fn, x: Array, event_ndim: int = 1) -> Array:
     flat = x.reshape((-1,) + x.shape[x.ndim - event_ndim:])
     out = jax.vmap(fn)(flat)
     return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
+
+
+def _host_report(report: Callable[[np.ndarray], np.ndarray]) -> Callable[[Array], Array]:
+    """``count -> 0`` that calls ``report(count)`` on the host only when count > 0 (a
+    ``pure_callback`` in ``lax.cond``); under vmap the counts are summed first, so the condition
+    stays unbatched and the host is called at most once per execution."""
+
+    @custom_vmap
+    def flag(count: Array) -> Array:
+        return jax.lax.cond(
+            count > 0,
+            lambda: jax.pure_callback(report, jax.ShapeDtypeStruct((), jnp.int32), count),
+            lambda: jnp.zeros((), jnp.int32),
+        )
+
+    @flag.def_vmap
+    def _batched_flag(axis_size: int, in_batched: list[bool], count: Array
+                      ) -> tuple[Array, bool]:
+        return flag(jnp.sum(count) if in_batched[0] else count), False
+
+    return flag
 
 
 class Oracle:
@@ -68,12 +132,62 @@ class Oracle:
         """Cov[T(x) | eta] = Hessian A(eta); shape ``batch + (stat_dim, stat_dim)``."""
         return self._batched("covariance_single", eta)
 
-    def _batched(self, method: str, eta: Array) -> Array:
-        """Map ``method`` over the batch of eta, compiled once per oracle, method and shape."""
+    def _batched(self, method: str, eta: Array, *, check_domain: bool = True,
+                 name: str | None = None) -> Any:
+        """Map ``method`` over the batch of eta, compiled once per oracle, method and shape;
+        with ``check_domain`` (outside ``trusted_domain``) eta outside the natural domain raises
+        eagerly and gives NaN and a warning under a transformation (see the module docstring).
+        ``name`` is the public method named in messages (default: ``method`` less "_single")."""
+        eta = self._eta(eta)
+        checked = check_domain and _CHECK_DOMAIN.get()
         compiled = self.__dict__.setdefault("_compiled", {})
-        if method not in compiled:
-            compiled[method] = jax.jit(partial(map_over_batch, getattr(self, method)))
-        return compiled[method](self._eta(eta))
+        if (method, checked) not in compiled:
+            compiled[method, checked] = jax.jit(partial(self._evaluate, method, checked))
+        out, inside = compiled[method, checked](eta)
+        if not checked:
+            return out
+        name = name or method.removesuffix("_single")
+        if not isinstance(inside, jax.core.Tracer):
+            inside = np.asarray(inside)
+            if not inside.all():
+                raise OutOfDomainError(
+                    f"{self!r}.{name}: {int((~inside).sum())} of {inside.size} eta outside the "
+                    f"natural domain of {self.family.name} ({self.family.domain_description}); "
+                    f"first at {self.family.first_outside(np.asarray(eta), inside)}"
+                )
+            return out
+        report = _host_report(partial(self._warn_outside_domain, name, _call_site()))
+        keep = inside & (report(jnp.sum(~inside)) == 0)  # it is 0: this ties it to the result
+        return jax.tree.map(
+            lambda o: jnp.where(keep.reshape(keep.shape + (1,) * (o.ndim - keep.ndim)), o,
+                                jnp.nan), out)
+
+    def _evaluate(self, method: str, checked: bool, eta: Array) -> tuple[Any, Array | None]:
+        """(``method`` over the batch, inside the natural domain per eta or None unchecked)."""
+        out = map_over_batch(getattr(self, method), eta)
+        if not checked:
+            return out, None
+        inside = self.family.in_domain(eta)
+        if self.family.natural_constraint is None:  # the domain is where A(eta) < inf
+            for leaf in jax.tree.leaves(out):
+                inside = inside & jnp.all(jnp.isfinite(leaf),
+                                          axis=tuple(range(inside.ndim, leaf.ndim)))
+        return out, inside
+
+    def _warn_outside_domain(self, name: str, site: tuple[str, int], outside: np.ndarray
+                             ) -> np.ndarray:
+        """Host side of the traced check: warn, once per call site, that ``outside`` eta were
+        outside the natural domain; returns 0."""
+        count = int(outside)
+        reported = self.__dict__.setdefault("_reported_sites", set())
+        if count and (name, site) not in reported:
+            reported.add((name, site))
+            warnings.warn_explicit(
+                f"{self!r}.{name}: {count} eta outside the natural domain of "
+                f"{self.family.name} ({self.family.domain_description}) under a JAX "
+                f"transformation; the result is NaN there (reported once for this call site)",
+                RuntimeWarning, site[0], site[1])
+        return np.zeros((), np.int32)
 
     def natural_from_mean(self, mu: Array, *, init: Array | None = None,
                           max_steps: int = 100, tol: float = 1e-9) -> Array:

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +37,8 @@ from ..family import Array, ExponentialFamily
 from .anchor import LogPartitionEstimate
 from .base import Oracle, newton_natural_from_mean
 
-if TYPE_CHECKING:
-    from ..training.protocols import Protocol
-
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "NeuralOracle", "Standardization", "load_oracle"]
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "PROTOCOL_REGISTRY", "NeuralOracle",
+           "PredictionProtocol", "Standardization", "load_oracle"]
 
 FORMAT_NAME = "numpyro_nnef.NeuralOracle"
 FORMAT_VERSION = 2  # version 1 stored one anchor under "anchor"; still read
@@ -50,6 +48,35 @@ OUT_OF_RANGE = ("warn", "error", "ignore")
 PATH_QUADRATURE_ORDER = 24
 NEAREST_ANCHORS = 4
 BANDWIDTH_FACTOR = 0.5
+
+
+class PredictionProtocol(Protocol):
+    """What a NeuralOracle uses of its training protocol (``training.protocols.Protocol``)."""
+
+    name: str
+
+    @property
+    def options(self) -> dict[str, Any]: ...
+
+    def build_model(self, architecture: str, *, eta_dim: int, stat_dim: int, rngs: nnx.Rngs,
+                    **hyperparameters: Any) -> nnx.Module: ...
+
+    def predict(self, model: nnx.Module, eta: Array) -> Array: ...
+
+    def log_partition(self, model: nnx.Module, eta: Array) -> Array | None: ...
+
+
+# Protocol name -> class, filled by ``training.protocols`` (the layer above, which this module
+# does not import); ``load_oracle`` rebuilds a saved oracle's protocol from it.
+PROTOCOL_REGISTRY: dict[str, Callable[..., PredictionProtocol]] = {}
+
+
+def protocol_from_record(name: str, options: dict[str, Any]) -> PredictionProtocol:
+    """The registered protocol ``name`` with ``options`` (as recorded by ``NeuralOracle.save``)."""
+    if name not in PROTOCOL_REGISTRY:
+        raise ValueError(f"the oracle was trained with protocol {name!r}, which is not "
+                         f"registered (registered: {sorted(PROTOCOL_REGISTRY)})")
+    return PROTOCOL_REGISTRY[name](**options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +144,7 @@ class NeuralOracle(TrainingRange, Oracle):
     def __init__(
         self,
         family: ExponentialFamily,
-        protocol: Protocol,
+        protocol: PredictionProtocol,
         architecture: str,
         hyperparameters: dict[str, Any],
         model: nnx.Module,
@@ -343,7 +370,7 @@ class NeuralOracle(TrainingRange, Oracle):
         return f"NeuralOracle({self.family.name}, {self.architecture}/{self.protocol.name})"
 
 
-def has_learned_log_partition(protocol: Protocol, model: nnx.Module, dim: int) -> bool:
+def has_learned_log_partition(protocol: PredictionProtocol, model: nnx.Module, dim: int) -> bool:
     """True when the protocol's model is a learned log-partition A (mu = grad A)."""
     graphdef, state = nnx.split(model)
     probe = jax.eval_shape(lambda s: protocol.log_partition(nnx.merge(graphdef, state), s),
@@ -351,20 +378,19 @@ def has_learned_log_partition(protocol: Protocol, model: nnx.Module, dim: int) -
     return probe is not None
 
 
-def load_oracle(directory: str | os.PathLike, family: ExponentialFamily | None = None,
+def load_oracle(directory: str | os.PathLike, family: ExponentialFamily | str | None = None,
                 *, out_of_range: str | None = None) -> NeuralOracle:
     """Rebuild a saved NeuralOracle exactly (weights checked against the recorded SHA-256).
 
-    ``family`` is needed for user-defined families; built-in ones are rebuilt from the record.
+    ``family`` is needed for user-defined families: the family object or a
+    ``"package.module:attribute"`` reference to it; built-in ones are rebuilt from the record.
     """
     config, payload, family = read_record(
         directory, what="oracle", config_file=CONFIG_FILE, weights_file=WEIGHTS_FILE,
         format_name=FORMAT_NAME, versions=(1, FORMAT_VERSION), family=family)
     weights_path = Path(directory) / WEIGHTS_FILE
     version = config["version"]
-    from ..training.protocols import get_protocol
-
-    protocol = get_protocol(config["protocol"]["name"], **config["protocol"]["options"])
+    protocol = protocol_from_record(config["protocol"]["name"], config["protocol"]["options"])
     dim = family.stat_dim
     model = protocol.build_model(config["architecture"], eta_dim=dim, stat_dim=dim,
                                  rngs=nnx.Rngs(0), **config["hyperparameters"])

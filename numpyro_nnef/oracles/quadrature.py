@@ -361,7 +361,7 @@ class QuadratureOracle(Oracle):
 
     def integrable(self, eta: Array) -> Array:
         """``integrable_single`` over eta of shape ``batch + (stat_dim,)``: shape ``batch``."""
-        return self._batched("integrable_single", eta)
+        return self._batched("integrable_single", eta, check_domain=False)
 
     def sample_single(self, key: Array, eta: Array, num: int) -> Array:
         """``num`` draws of x for one flat eta, by inverting the CDF of exp(g) with g linear
@@ -428,15 +428,15 @@ class QuadratureOracle(Oracle):
     # The three protocol methods share one compiled program (one compilation per batch shape).
     def log_partition(self, eta: Array) -> Array:
         """A(eta) = log int h(x) exp(eta . T(x)) dx; shape ``batch``."""
-        return self.log_partition_and_moments(eta)[0]
+        return self._batched("log_partition_and_moments_single", eta, name="log_partition")[0]
 
     def mean(self, eta: Array) -> Array:
         """E[T(x) | eta]; shape ``batch + (stat_dim,)``."""
-        return self.log_partition_and_moments(eta)[1]
+        return self._batched("log_partition_and_moments_single", eta, name="mean")[1]
 
     def covariance(self, eta: Array) -> Array:
         """Cov[T(x) | eta]; shape ``batch + (stat_dim, stat_dim)``."""
-        return self.log_partition_and_moments(eta)[2]
+        return self._batched("log_partition_and_moments_single", eta, name="covariance")[2]
 
     def __repr__(self) -> str:
         return (f"QuadratureOracle({self.family.name}, num_panels={self.num_panels}, "

@@ -41,6 +41,7 @@ from flax import nnx
 from ..nn.architectures import ARCHITECTURES, build_network
 from ..nn.base import jsonable
 from ..nn.flows import FLOW_ARCHITECTURES, build_flow_field
+from ..oracles.neural import PROTOCOL_REGISTRY
 from .schedules import (
     SCHEDULES,
     Rates,
@@ -359,6 +360,8 @@ class Diffusion(_DenoisingProtocol):
 PROTOCOLS: dict[str, type[Protocol]] = {
     cls.name: cls for cls in (Regression, FlowMatching, ContinuousTime, Diffusion)
 }
+# saved oracles are rebuilt from oracles.neural's registry (that layer cannot import this one)
+PROTOCOL_REGISTRY.update(PROTOCOLS)
 
 
 def get_protocol(name: str, **options: Any) -> Protocol:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .._io import atomic_write
 from ..dataset import ExpectationDataset
-from ..families import family_from_description
+from ..families import family_from_description, resolve_family
 from ..family import ExponentialFamily
 from ..oracles.anchor import estimate_log_partitions, resolve_method
 from ..oracles.neural import NeuralOracle, Standardization, has_learned_log_partition
@@ -78,12 +78,19 @@ def usable_points(dataset: ExpectationDataset, drop_failed: bool = True
     return keep, excluded
 
 
-def _resolve_family(dataset: ExpectationDataset, family: ExponentialFamily | None
+def _resolve_family(dataset: ExpectationDataset, family: ExponentialFamily | str | None
                     ) -> ExponentialFamily:
-    if family is None:
+    """``family`` (a family or a reference), else the family the dataset keeps, else a built-in
+    family rebuilt from the dataset's record; checked against the dataset."""
+    if family is not None:
+        family = resolve_family(family)
+    elif dataset.family is not None:
+        family = dataset.family
+    else:
         description = dataset.metadata.get("family")
         if not isinstance(description, dict):
-            raise ValueError("the dataset does not record its family; pass family=...")
+            raise ValueError("the dataset does not record its family; pass family= (a family or a "
+                             "'package.module:attribute' reference)")
         family = family_from_description(description)
     dataset.check_family(family)
     return family
@@ -93,7 +100,7 @@ def train_oracle(
     dataset: ExpectationDataset,
     *,
     key: jax.Array,
-    family: ExponentialFamily | None = None,
+    family: ExponentialFamily | str | None = None,
     architecture: str = "mlp",
     protocol: str = "regression",
     hyperparameters: dict[str, Any] | None = None,
@@ -127,7 +134,9 @@ def train_oracle(
     by farthest-point selection in standardised eta, starting from the eta nearest the centre
     (``anchor``: "auto" is quadrature for scalar x, else importance sampling; None for no
     anchor; ``anchor_options`` go to the importance sampler). With ``output_dir`` the oracle and
-    its learning curves (CSV, PNG) are written there.
+    its learning curves (CSV, PNG) are written there. ``family`` is needed only for a dataset
+    read from a file of a user family (a family object or a ``"package.module:attribute"``
+    reference); a dataset from ``generate_dataset`` or ``importance_dataset`` keeps its family.
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
