@@ -307,10 +307,7 @@ def farthest_points(points: np.ndarray, num: int, start: int) -> np.ndarray:
 def save_learning_curves(report: TrainingReport, directory: str | Path) -> tuple[Path, Path]:
     """Write ``learning_curves.csv`` and ``learning_curves.png`` (training loss and validation
     RMSE per evaluated epoch, log scale) into ``directory``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the user's backend is left alone
 
     directory = Path(directory)
     text = io.StringIO()
@@ -320,7 +317,8 @@ def save_learning_curves(report: TrainingReport, directory: str | Path) -> tuple
     writer.writerows(zip(*(report.history[n].tolist() for n in names), strict=True))
     csv_path = atomic_write(directory / "learning_curves.csv",
                             lambda f: f.write(text.getvalue().encode()))
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
     ax.semilogy(report.history["epoch"], report.history["train_loss"], label="train loss")
     ax.semilogy(report.history["epoch"], report.history["val_rmse"], label="validation RMSE")
     ax.axvline(report.best_epoch, color="grey", ls=":", label="best")
@@ -329,6 +327,5 @@ def save_learning_curves(report: TrainingReport, directory: str | Path) -> tuple
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
     png_path = atomic_write(directory / "learning_curves.png", lambda f: f.write(png.getvalue()))
     return csv_path, png_path
