@@ -14,6 +14,7 @@ and sharded over all local JAX devices along the eta axis. Randomness comes only
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -28,9 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from blackjax.adaptation.base import get_filter_adapt_info_fn
+from blackjax.smc import adaptive_tempered, resampling
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from numpyro.distributions.transforms import biject_to
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import SoftplusTransform, Transform, biject_to
 
 from ._io import atomic_write
 from .dataset import ExpectationDataset
@@ -39,12 +42,16 @@ from .family import Array, ExponentialFamily, OutOfDomainError
 
 __all__ = [
     "NUTSDraws",
+    "SMCDraws",
+    "SMCSettings",
     "compute_diagnostics",
     "generate_dataset",
     "passes_diagnostics",
     "run_nuts",
+    "run_smc",
     "sample_etas",
     "sample_family",
+    "smc_diagnostics",
     "unconstrained_log_density",
 ]
 
@@ -62,6 +69,8 @@ class NUTSDraws(NamedTuple):
     divergences: divergent transitions after warm-up, summed over chains, ``batch``.
     step_size: adapted step size per chain, ``batch + (num_chains,)``.
     acceptance_rate: mean acceptance probability per chain, ``batch + (num_chains,)``.
+    u_mean, u_sd: mean and sd of the unconstrained draws pooled over chains, ``batch + (d,)``.
+    u_max: the largest |u| drawn, ``batch`` (chains running off to infinity: an improper member).
     x: the draws of x, ``batch + (num_chains, num_samples) + event_shape`` (or None).
     """
 
@@ -69,38 +78,78 @@ class NUTSDraws(NamedTuple):
     divergences: Array
     step_size: Array
     acceptance_rate: Array
+    u_mean: Array
+    u_sd: Array
+    u_max: Array
     x: Array | None = None
 
 
-def support_transform(family: ExponentialFamily):
-    """``biject_to(family.support)``; ValueError naming the family for a discrete support."""
+def support_transform(family: ExponentialFamily) -> Transform:
+    """The map f: R^d -> support used by the samplers, chosen per support:
+
+    x >= 0 (``constraints.nonnegative``, mass may reach x = 0): softplus, x = log(1 + e^u), whose
+    right tail is linear, so Gaussian-tailed densities stay Gaussian in u (exp would turn
+    exp(-x^2) into the double-exponential wall exp(-e^{2u}), where NUTS diverges); every other
+    support: ``biject_to(family.support)``. ValueError naming the family for a discrete support.
+    """
     if getattr(family.support, "is_discrete", False):
         raise ValueError(
             f"NUTS samples a continuous x, but family {family.name!r} has the discrete support "
             f"{family.support}; use ExactOracle({family.name}) and family.sample_exact for a "
             f"named discrete family"
         )
+    if family.support is constraints.nonnegative and family.event_shape == ():
+        return SoftplusTransform()
     return biject_to(family.support)
 
 
-def unconstrained_log_density(family: ExponentialFamily, eta: Array
-                              ) -> Callable[[Array], Array]:
-    """The NUTS target for one eta in unconstrained space, up to the constant -A(eta):
+def _wrap(x: Array) -> Array:
+    """Angles into [-pi, pi)."""
+    return jnp.mod(x + math.pi, 2 * math.pi) - math.pi
 
-    u -> eta . T(f(u)) + log h(f(u)) + log|det J_f(u)|,  f = ``biject_to(family.support)``,
-    for one unconstrained point u of shape ``f.inverse_shape(event_shape)``.
+
+def _circular_cut(family: ExponentialFamily, eta: Array, num_grid: int = 64) -> Array:
+    """argmin over a grid of 64 angles of eta . T(x) + log h(x): where to cut the circle."""
+    grid = -math.pi + 2 * math.pi * (jnp.arange(num_grid, dtype=eta.dtype) + 0.5) / num_grid
+    logp = jax.vmap(lambda x: family.unnormalized_log_prob(eta, x))(grid)
+    return grid[jnp.argmin(jnp.where(jnp.isnan(logp), -jnp.inf, logp))]
+
+
+def engine_maps(family: ExponentialFamily, eta: Array, *, cut_circle: bool = True
+                ) -> tuple[Callable[[Array], Array], Callable[[Array], Array]]:
+    """(u -> x, u -> log p(u | eta) + A(eta)) used by NUTS and SMC at one eta:
+
+    log p(u | eta) + A(eta) = eta . T(x) + log h(x) + log|det J_f(u)|,  x = f(u),
+    f = :func:`support_transform`. For a circular support (scalar angle, ``cut_circle``) the
+    circle is cut at the lowest-density angle c of a 64-point grid, x = wrap(f(u) + c + pi), so
+    that no mode straddles the cut (cut at -pi, a member with its mode near pi has its mass at
+    both ends u -> -inf and u -> +inf: two modes in u); a translation leaves log|det J| alone.
     Where f(u) rounds onto the edge of a bounded support (|u| large in float arithmetic) the
     value can be NaN or +inf; it is mapped to -inf so that chains are never drawn there.
     """
     transform = support_transform(family)
+    rotate = cut_circle and family.support is constraints.circular and family.event_shape == ()
+    shift = _circular_cut(family, eta) + math.pi if rotate else 0.0
+
+    def to_x(u):
+        x = transform(u)
+        return _wrap(x + shift) if rotate else x
 
     def logdensity(u):
         x = transform(u)
         log_det = jnp.sum(transform.log_abs_det_jacobian(u, x))
-        value = family.unnormalized_log_prob(eta, x) + log_det
+        value = family.unnormalized_log_prob(eta, _wrap(x + shift) if rotate else x) + log_det
         return jnp.where(jnp.isnan(value) | (value == jnp.inf), -jnp.inf, value)
 
-    return logdensity
+    return to_x, logdensity
+
+
+def unconstrained_log_density(family: ExponentialFamily, eta: Array
+                              ) -> Callable[[Array], Array]:
+    """u -> eta . T(f(u)) + log h(f(u)) + log|det J_f(u)| (= log p(u | eta) + A(eta)) for one
+    unconstrained point u of shape ``f.inverse_shape(event_shape)``, f = :func:`support_transform`
+    (no circle cut: the map from u to x is f itself); -inf where f(u) rounds onto an edge."""
+    return engine_maps(family, eta, cut_circle=False)[1]
 
 
 def _unconstrained_shape(family: ExponentialFamily) -> tuple[int, ...]:
@@ -109,11 +158,10 @@ def _unconstrained_shape(family: ExponentialFamily) -> tuple[int, ...]:
 
 def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_rate, return_x):
     """(key, eta) -> per-eta outputs of ``num_chains`` independent adapted NUTS chains."""
-    transform = support_transform(family)
     u_shape = _unconstrained_shape(family)
 
     def one_eta(key, eta):
-        logdensity = unconstrained_log_density(family, eta)
+        transform, logdensity = engine_maps(family, eta)
         k_init, k_warm, k_draw = jax.random.split(key, 3)
         u_init = jax.random.uniform(
             k_init, (num_chains,) + u_shape, eta.dtype, minval=-2.0, maxval=2.0
@@ -130,19 +178,22 @@ def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_r
             def body(state, k):
                 state, info = step(k, state)
                 x = transform(state.position)
-                out = (family.sufficient_statistics(x), info.is_divergent, info.acceptance_rate)
+                out = (family.sufficient_statistics(x), info.is_divergent, info.acceptance_rate,
+                       jnp.ravel(state.position))
                 return state, out + ((x,) if return_x else ())
 
             _, outs = jax.lax.scan(body, state, jax.random.split(k_d, num_samples))
-            stats, divergent, accept = outs[:3]
-            result = (stats, jnp.sum(divergent), parameters["step_size"], jnp.mean(accept))
-            return result + ((outs[3],) if return_x else ())
+            stats, divergent, accept, u = outs[:4]
+            result = (stats, jnp.sum(divergent), parameters["step_size"], jnp.mean(accept), u)
+            return result + ((outs[4],) if return_x else ())
 
         outs = jax.vmap(one_chain)(
             jax.random.split(k_warm, num_chains), jax.random.split(k_draw, num_chains), u_init
         )
-        stats, divergences, step_size, accept = outs[:4]
-        return (stats, jnp.sum(divergences), step_size, accept) + tuple(outs[4:])
+        stats, divergences, step_size, accept, u = outs[:5]
+        u = u.reshape(-1, u.shape[-1])  # (chains * draws, d)
+        positions = (jnp.mean(u, axis=0), jnp.std(u, axis=0), jnp.max(jnp.abs(u)))
+        return (stats, jnp.sum(divergences), step_size, accept) + positions + tuple(outs[5:])
 
     return one_eta
 
@@ -150,21 +201,23 @@ def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_r
 _SAMPLER_CACHE: dict[tuple, Callable] = {}
 
 
-def _batched_fn(family, settings: tuple, sharded: bool):
-    """jit(vmap over eta [sharded over local devices]) of the per-eta sampler.
+def _batched_fn(family, settings: tuple, sharded: bool, builder: Callable = _one_eta_fn,
+                num_inputs: int = 2):
+    """jit(vmap over eta [sharded over local devices]) of ``builder(family, *settings)``.
 
-    Cached per family (equal families share it, see ``ExponentialFamily.cache_key``) and
-    settings, so repeated calls and equal family instances reuse the compiled sampler.
+    Cached per family (equal families share it, see ``ExponentialFamily.cache_key``), builder
+    and settings, so repeated calls, retries with equal settings and equal family instances
+    reuse the compiled sampler.
     """
     devices = tuple(jax.local_devices()) if sharded else None
-    cache_key = (family, settings, devices)  # holding the family keeps id-based keys unique
+    cache_key = (family, builder, settings, devices)  # the family keeps id-based keys unique
     fn = _SAMPLER_CACHE.get(cache_key)
     if fn is None:
-        fn = jax.vmap(_one_eta_fn(family, *settings))
+        fn = jax.vmap(builder(family, *settings))
         if sharded:
             mesh = Mesh(np.array(devices), ("eta",))
-            fn = jax.shard_map(fn, mesh=mesh, in_specs=(P("eta"), P("eta")), out_specs=P("eta"),
-                               check_vma=False)
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=(P("eta"),) * num_inputs,
+                               out_specs=P("eta"), check_vma=False)
         fn = jax.jit(fn)
         _SAMPLER_CACHE[cache_key] = fn
     return fn
@@ -195,7 +248,7 @@ def _run_flat(family, etas: Array, keys: Array, *, num_chains, num_warmup, num_s
         size = -(-size // num_devices) * num_devices
         out = _batched_fn(family, settings, sharded=True)(_pad(keys, size), _pad(etas, size))
         out = tuple(o[:n] for o in out)
-    return NUTSDraws(*out[:4], out[4] if return_x else None)
+    return NUTSDraws(*out[:7], out[7] if return_x else None)
 
 
 def _check_settings(num_chains, num_warmup, num_samples):
@@ -298,6 +351,145 @@ def sample_family(
     x = jnp.swapaxes(x, 1, 2).reshape((n_eta, -1) + event)[:, :n_draws]  # round-robin
     x = jnp.moveaxis(x, 1, 0)
     return x.reshape(sample_shape + batch + event)
+
+
+# ---------------------------------------------------------------------------------------------
+# adaptive tempered SMC (multimodal members)
+# ---------------------------------------------------------------------------------------------
+class SMCSettings(NamedTuple):
+    """Adaptive tempered SMC: ``num_runs`` independent runs of ``num_particles`` particles; each
+    tempering step resamples, moves every particle by ``num_mcmc_steps`` HMC steps of
+    ``num_integration_steps`` leapfrogs, and picks the next temperature so that the weights keep
+    an ESS of ``target_ess`` * num_particles; at most ``max_steps`` tempering steps."""
+
+    num_runs: int = 8
+    num_particles: int = 512
+    num_mcmc_steps: int = 10
+    num_integration_steps: int = 5
+    target_ess: float = 0.5
+    max_steps: int = 200
+
+
+class SMCDraws(NamedTuple):
+    """Output of :func:`run_smc` for n etas (R runs, N particles, D statistics).
+
+    run_mean: E[T] estimated by each run, (n, R, D). statistics: T at the final particles (equal
+    weights after a resample-move step at beta = 1), (n, R, N, D). log_z: each run's estimate of
+    A(eta), (n, R). num_steps: tempering steps per run, (n, R). finished: beta reached 1, (n, R).
+    """
+
+    run_mean: Array
+    statistics: Array
+    log_z: Array
+    num_steps: Array
+    finished: Array
+
+
+def _smc_one_eta_fn(family, num_runs, num_particles, num_mcmc_steps, num_integration_steps,
+                    target_ess, max_steps):
+    """(key, eta, ref_mean, ref_sd) -> per-eta outputs of ``num_runs`` tempered SMC runs.
+
+    Path in unconstrained space u (flat, d): pi_beta(u) ∝ q(u)^(1 - beta) p(u | eta)^beta,
+    q = N(ref_mean, diag ref_sd^2), beta from 0 to 1 (BlackJAX adaptive tempered SMC).
+    HMC moves use the particles' weighted variance as inverse mass matrix and a step size
+    adapted towards an acceptance rate of 0.65 between tempering steps.
+    """
+    u_shape = _unconstrained_shape(family)
+    dim = math.prod(u_shape)
+    hmc_step = functools.partial(blackjax.hmc.build_kernel(),
+                                 num_integration_steps=num_integration_steps)
+
+    def one_eta(key, eta, ref_mean, ref_sd):
+        to_x, logdensity = engine_maps(family, eta)
+
+        def log_ref(u):
+            return jnp.sum(jax.scipy.stats.norm.logpdf(u, ref_mean, ref_sd))
+
+        def log_lik(u):
+            return logdensity(u.reshape(u_shape)) - log_ref(u)
+
+        kernel = adaptive_tempered.build_kernel(
+            log_ref, log_lik, hmc_step, blackjax.hmc.init, resampling.systematic, target_ess,
+        )
+
+        def move(carry):
+            state, log_eps, log_z, i, k = carry
+            k, k_step = jax.random.split(k)
+            mean = state.weights @ state.particles
+            var = state.weights @ (state.particles - mean) ** 2
+            params = {"step_size": jnp.exp(log_eps)[None],
+                      "inverse_mass_matrix": jnp.maximum(var, jnp.finfo(var.dtype).tiny)[None]}
+            state, info = kernel(k_step, state, num_mcmc_steps, params)
+            accept = jnp.nan_to_num(jnp.mean(info.update_info.acceptance_rate))
+            return state, log_eps + accept - 0.65, log_z + info.log_likelihood_increment, i + 1, k
+
+        def one_run(k):
+            k_init, k_loop = jax.random.split(k)
+            u0 = ref_mean + ref_sd * jax.random.normal(k_init, (num_particles, dim), eta.dtype)
+            carry = (adaptive_tempered.init(u0), jnp.log(jnp.asarray(0.5, eta.dtype)),
+                     jnp.zeros((), eta.dtype), jnp.zeros((), jnp.int32), k_loop)
+            carry = jax.lax.while_loop(
+                lambda c: (c[0].tempering_param < 1) & (c[3] < max_steps), move, carry
+            )
+            finished = carry[0].tempering_param >= 1
+            state, _, log_z, steps, _ = move(carry)  # resample-move at beta = 1: equal weights
+            stats = jax.vmap(lambda u: family.sufficient_statistics(to_x(u.reshape(u_shape))))(
+                state.particles
+            )
+            run_mean = jnp.where(finished, jnp.mean(stats, axis=0), jnp.nan)
+            return run_mean, stats, log_z, steps, finished
+
+        return jax.vmap(one_run)(jax.random.split(key, num_runs))
+
+    return one_eta
+
+
+def run_smc(family: ExponentialFamily, etas: Array, *, key: Array,
+            settings: SMCSettings | None = None, ref_mean: Array | None = None,
+            ref_sd: Array | None = None, batch_size: int | None = None) -> SMCDraws:
+    """Adaptive tempered SMC on p(x | eta) for each row of ``etas`` (n, stat_dim), run in
+    unconstrained space from the reference N(ref_mean, ref_sd^2) (default N(0, 2^2) per
+    coordinate; shapes (n, d)). Point i uses ``fold_in(fold_in(key, 0), i)``."""
+    etas = family.validate_natural(_float_etas(family, etas))
+    settings = settings or SMCSettings()
+    n = etas.shape[0]
+    dim = math.prod(_unconstrained_shape(family))
+    ref_mean = jnp.zeros((n, dim), etas.dtype) if ref_mean is None else jnp.asarray(ref_mean)
+    ref_sd = jnp.full((n, dim), 2.0, etas.dtype) if ref_sd is None else jnp.asarray(ref_sd)
+    return _run_smc_flat(family, etas, _point_keys(as_key(key), np.arange(n)), settings,
+                         ref_mean.astype(etas.dtype), ref_sd.astype(etas.dtype), batch_size)
+
+
+def _run_smc_flat(family, etas, keys, settings: SMCSettings, ref_mean, ref_sd,
+                  batch_size: int | None) -> SMCDraws:
+    n = etas.shape[0]
+    size = max(n, batch_size or 0)
+    num_devices = len(jax.local_devices())
+    size = -(-size // num_devices) * num_devices
+    fn = _batched_fn(family, tuple(settings), True, _smc_one_eta_fn, 4)
+    out = fn(*(_pad(a, size) for a in (keys, etas, ref_mean, ref_sd)))
+    return SMCDraws(*(o[:n] for o in out))
+
+
+def smc_diagnostics(draws: SMCDraws) -> dict[str, np.ndarray]:
+    """Diagnostics of :func:`run_smc` output, in the form of :func:`compute_diagnostics`.
+
+    mean = average of the R run means; mcse = sd of the run means / sqrt(R) (independent runs:
+    an honest error whatever the particles' correlation); ess_bulk = ess_tail = Var[T] / mcse^2;
+    cov from all final particles; rhat = rank-normalised split R-hat with the runs as chains
+    (runs that disagree, e.g. on the weights of modes, fail it); divergences 0 (HMC moves are
+    Metropolis-corrected: a divergent proposal is a rejection, and the run-to-run spread carries
+    any loss of accuracy).
+    """
+    run_mean = np.asarray(draws.run_mean, np.float64)
+    out = compute_diagnostics(draws.statistics)
+    runs = run_mean.shape[1]
+    mean = run_mean.mean(axis=1)
+    mcse = run_mean.std(axis=1, ddof=1) / math.sqrt(runs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ess = np.diagonal(out["cov"], axis1=-2, axis2=-1) / mcse**2
+    out.update(mean=mean, mcse=mcse, ess_bulk=ess, ess_tail=ess.copy())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
