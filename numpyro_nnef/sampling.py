@@ -19,6 +19,9 @@ import hashlib
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -41,6 +44,7 @@ from .diagnostics import ess_bulk, ess_tail, mcse_mean, rhat
 from .family import Array, ExponentialFamily, OutOfDomainError
 
 __all__ = [
+    "CheckpointMismatchError",
     "NUTSDraws",
     "SMCDraws",
     "SMCSettings",
@@ -71,6 +75,8 @@ class NUTSDraws(NamedTuple):
     acceptance_rate: mean acceptance probability per chain, ``batch + (num_chains,)``.
     u_mean, u_sd: mean and sd of the unconstrained draws pooled over chains, ``batch + (d,)``.
     u_max: the largest |u| drawn, ``batch`` (chains running off to infinity: an improper member).
+    climb: the largest rise of a chain's log density from its first to its last quarter of draws,
+    ``batch`` (zero up to noise for a stationary chain; chains climbing an improper member rise).
     x: the draws of x, ``batch + (num_chains, num_samples) + event_shape`` (or None).
     """
 
@@ -81,6 +87,7 @@ class NUTSDraws(NamedTuple):
     u_mean: Array
     u_sd: Array
     u_max: Array
+    climb: Array
     x: Array | None = None
 
 
@@ -179,21 +186,25 @@ def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_r
                 state, info = step(k, state)
                 x = transform(state.position)
                 out = (family.sufficient_statistics(x), info.is_divergent, info.acceptance_rate,
-                       jnp.ravel(state.position))
+                       jnp.ravel(state.position), state.logdensity)
                 return state, out + ((x,) if return_x else ())
 
             _, outs = jax.lax.scan(body, state, jax.random.split(k_d, num_samples))
-            stats, divergent, accept, u = outs[:4]
-            result = (stats, jnp.sum(divergent), parameters["step_size"], jnp.mean(accept), u)
-            return result + ((outs[4],) if return_x else ())
+            stats, divergent, accept, u, logp = outs[:5]
+            quarter = max(1, num_samples // 4)
+            climb = jnp.mean(logp[-quarter:]) - jnp.mean(logp[:quarter])
+            result = (stats, jnp.sum(divergent), parameters["step_size"], jnp.mean(accept), u,
+                      climb)
+            return result + ((outs[5],) if return_x else ())
 
         outs = jax.vmap(one_chain)(
             jax.random.split(k_warm, num_chains), jax.random.split(k_draw, num_chains), u_init
         )
-        stats, divergences, step_size, accept, u = outs[:5]
+        stats, divergences, step_size, accept, u, climb = outs[:6]
         u = u.reshape(-1, u.shape[-1])  # (chains * draws, d)
-        positions = (jnp.mean(u, axis=0), jnp.std(u, axis=0), jnp.max(jnp.abs(u)))
-        return (stats, jnp.sum(divergences), step_size, accept) + positions + tuple(outs[5:])
+        positions = (jnp.mean(u, axis=0), jnp.std(u, axis=0), jnp.max(jnp.abs(u)),
+                     jnp.max(jnp.nan_to_num(climb, nan=jnp.inf)))
+        return (stats, jnp.sum(divergences), step_size, accept) + positions + tuple(outs[6:])
 
     return one_eta
 
@@ -248,7 +259,7 @@ def _run_flat(family, etas: Array, keys: Array, *, num_chains, num_warmup, num_s
         size = -(-size // num_devices) * num_devices
         out = _batched_fn(family, settings, sharded=True)(_pad(keys, size), _pad(etas, size))
         out = tuple(o[:n] for o in out)
-    return NUTSDraws(*out[:7], out[7] if return_x else None)
+    return NUTSDraws(*out[:8], out[8] if return_x else None)
 
 
 def _check_settings(num_chains, num_warmup, num_samples):
@@ -362,11 +373,11 @@ class SMCSettings(NamedTuple):
     ``num_integration_steps`` leapfrogs, and picks the next temperature so that the weights keep
     an ESS of ``target_ess`` * num_particles; at most ``max_steps`` tempering steps."""
 
-    num_runs: int = 8
+    num_runs: int = 10
     num_particles: int = 512
     num_mcmc_steps: int = 10
     num_integration_steps: int = 5
-    target_ess: float = 0.5
+    target_ess: float = 0.9
     max_steps: int = 200
 
 
@@ -600,10 +611,15 @@ def sample_etas(
         corners = corners.reshape(dim, -1).T
         inside = np.asarray(family.in_domain(jnp.asarray(corners)))
         if not inside.all():
+            # a coordinate bound is to blame where every corner on it is outside
+            blamed = [f"eta[{family.stat_labels[i]}] = {bound[i]:g} (the {name} bound)"
+                      for i in range(dim) for name, bound in (("low", low), ("high", high))
+                      if not inside[corners[:, i] == bound[i]].any()]
             raise OutOfDomainError(
                 f"{family.name}: the eta box low={low.tolist()}, high={high.tolist()} is not "
-                f"inside the natural domain ({describe()}); e.g. the corner "
-                f"{corners[~inside][0].tolist()} is outside"
+                f"inside the natural domain ({describe()}): "
+                + (f"coordinate {', '.join(blamed)} is outside for every value of the others"
+                   if blamed else f"e.g. the corner {corners[~inside][0].tolist()} is outside")
             )
 
     u = np.asarray(jax.random.uniform(as_key(key), (num, dim), dtype=jnp.float32))
@@ -630,7 +646,25 @@ def sample_etas(
 # dataset generation
 # ---------------------------------------------------------------------------------------------
 _CHUNK_ARRAYS = ("mean", "cov", "ess_bulk", "ess_tail", "rhat", "mcse", "divergences",
-                 "num_samples", "retries", "passed")
+                 "num_samples", "retries", "passed", "smc", "cause")
+_DATASET_ARRAYS = _CHUNK_ARRAYS[:-2]
+IMPROPER_U = 1e8  # chains beyond |u| = 1e8 in unconstrained space: taken as running off
+IMPROPER_CLIMB = 50.0  # a chain whose log density rises by 50 nats over its draws: climbing
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint directory holds chunks of another run (names the settings that differ)."""
+
+
+def _flat_items(d: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_items(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def package_version() -> str:
@@ -664,12 +698,14 @@ class _Checkpoint:
                     "generate_dataset checkpoints; use another directory"
                 )
             if found.get("fingerprint") != fingerprint:
-                old = found.get("run", {})
-                diff = sorted(k for k in set(old) | set(description)
-                              if old.get(k) != description.get(k))
-                raise ValueError(
-                    f"checkpoint directory {str(self.directory)!r} belongs to a different run "
-                    f"(differs in: {', '.join(diff) or 'fingerprint'}); use another directory "
+                old = _flat_items(found.get("run", {}) if isinstance(found.get("run"), dict)
+                                  else {})
+                new = _flat_items(description)
+                diff = [f"{k} ({old.get(k, 'absent')!r} there, {new.get(k, 'absent')!r} here)"
+                        for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+                raise CheckpointMismatchError(
+                    f"checkpoint directory {str(self.directory)!r} belongs to a different run; "
+                    f"differs in: {'; '.join(diff) or 'fingerprint'}. Use another directory "
                     "or the same family, etas, key and sampler settings"
                 )
         else:
@@ -694,7 +730,7 @@ class _Checkpoint:
         if (str(data.get("fingerprint", "")) != self.fingerprint
                 or data.get("eta", np.empty(0)).shape != eta.shape
                 or not np.array_equal(data["eta"], eta)):
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"checkpoint chunk {str(path)!r} does not match this run's etas and settings; "
                 "use another checkpoint directory"
             )
@@ -713,6 +749,63 @@ def _bucket(n: int, cap: int) -> int:
     return min(cap, 1 << max(0, (n - 1).bit_length()))
 
 
+def _improper(d: dict[str, np.ndarray], u_max: np.ndarray, climb: np.ndarray) -> np.ndarray:
+    """(n,) bool: non-finite mean statistics, chains beyond |u| = IMPROPER_U, or a chain whose
+    log density rose by more than IMPROPER_CLIMB nats over its draws (heuristics for A = inf)."""
+    return (~np.all(np.isfinite(d["mean"]), axis=-1) | ~(u_max <= IMPROPER_U)
+            | ~(climb <= IMPROPER_CLIMB))
+
+
+def _failure_causes(d: dict[str, np.ndarray], passed: np.ndarray, u_max: np.ndarray,
+                    climb: np.ndarray, labels: Sequence[str], min_ess: float, max_rhat: float
+                    ) -> np.ndarray:
+    """One string per point: '' if it passed, else every failed check in words."""
+    improper = _improper(d, u_max, climb)
+    causes = []
+    for i in range(passed.shape[0]):
+        parts = []
+        if improper[i]:
+            parts.append(f"the member looks improper here (A(eta) = inf): chains reached |u| = "
+                         f"{u_max[i]:.3g}, their log density rose by {climb[i]:.3g} over the "
+                         "draws, or statistics were not finite")
+        if d["divergences"][i] > 0:
+            parts.append(f"{int(d['divergences'][i])} divergent transitions")
+        for j, label in enumerate(labels):
+            if not d["rhat"][i, j] <= max_rhat:
+                parts.append(f"r_hat {d['rhat'][i, j]:.4g} > {max_rhat} for {label}")
+            for name in ("ess_bulk", "ess_tail"):
+                if not d[name][i, j] >= min_ess:
+                    parts.append(f"{name} {d[name][i, j]:.4g} < {min_ess} for {label}")
+        causes.append("" if passed[i] else "; ".join(parts))
+    return np.array(causes, dtype=str)
+
+
+def _in_worker(fn: Callable[[], dict]) -> dict:
+    """fn() on a daemon thread while this thread waits: SIGINT (and SIGTERM, see
+    :func:`generate_dataset`) raise KeyboardInterrupt here at once, even while XLA compiles or
+    runs; the abandoned thread finishes its current call alone and its result is dropped."""
+    box: dict[str, object] = {}
+    done = threading.Event()
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # re-raised in the caller's thread
+            box["error"] = err
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="numpyro_nnef.generate_dataset", daemon=True).start()
+    done.wait()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def generate_dataset(
     family: ExponentialFamily,
     etas: Array,
@@ -727,25 +820,45 @@ def generate_dataset(
     min_ess: float = 400,
     max_rhat: float = 1.01,
     target_acceptance_rate: float = 0.8,
+    sampler: str = "nuts",
+    fallback: str | None = "smc",
+    smc: SMCSettings | None = None,
     progress: bool = True,
     callback: Callable[[int, int, int], None] | None = None,
 ) -> ExpectationDataset:
-    """NUTS estimates of mu(eta) = E[T(x) | eta] and Cov[T(x) | eta] for each row of ``etas``.
+    """Estimates of mu(eta) = E[T(x) | eta] and Cov[T(x) | eta] for each row of ``etas``.
 
     ``etas`` (N, stat_dim) must lie in the natural domain (else :class:`OutOfDomainError`) and T
     must be finite on the support (else ValueError). Work runs chunk by chunk (``chunk_size``
-    etas, vectorised, sharded over local devices). A point fails if some statistic has r_hat >
-    ``max_rhat`` or ess_bulk/ess_tail < ``min_ess``, or there was a divergence; failing points are
-    re-run for the same eta with num_samples and num_warmup doubled, up to ``max_retries``
-    times, and flagged ``passed=False`` if they still fail. With ``checkpoint_dir`` each
-    finished chunk is written atomically and a rerun with the same arguments resumes from
-    them. ``callback(chunk_index, points_done, num_points)`` is called after each chunk.
+    etas, vectorised, sharded over local devices).
+
+    ``sampler="nuts"`` (default): adapted NUTS chains. A point fails if some statistic has r_hat
+    > ``max_rhat`` or ess_bulk/ess_tail < ``min_ess``, or there was a divergence; failing points
+    are re-run with num_samples and num_warmup doubled, up to ``max_retries`` times, and then,
+    with ``fallback="smc"``, once by adaptive tempered SMC (:func:`run_smc`, reference fitted to
+    the NUTS draws; ``retries = max_retries + 1``, ``extras["tempered_smc"]``), which mixes
+    over modes that stuck chains cannot. ``sampler="smc"`` runs SMC for every point (advised for
+    families known to be multimodal: chains that all stick in one mode pass every diagnostic).
+    SMC points carry the across-run MCSE (:func:`smc_diagnostics`). Points still failing are
+    flagged ``passed=False`` (trainers drop them); ``metadata["failures"]`` names each one's
+    causes (an improper member, A(eta) = inf, is reported as such and not retried).
+
+    With ``checkpoint_dir`` each finished chunk is written atomically and a rerun with the same
+    arguments resumes from them ("resumed N of M chunks" on stderr); a directory of another run
+    raises :class:`CheckpointMismatchError` naming the settings that differ. SIGINT and SIGTERM
+    raise KeyboardInterrupt at once (the chunk in progress is abandoned, finished chunks are
+    kept). ``callback(chunk_index, points_done, num_points)`` is called after each chunk.
     """
     key = as_key(key)
     _check_settings(num_chains, num_warmup, num_samples)
     for name, value, least in (("chunk_size", chunk_size, 1), ("max_retries", max_retries, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if sampler not in ("nuts", "smc"):
+        raise ValueError(f"sampler must be 'nuts' or 'smc', got {sampler!r}")
+    if fallback not in ("smc", None):
+        raise ValueError(f"fallback must be 'smc' or None, got {fallback!r}")
+    smc = smc or SMCSettings()
     etas_np = np.asarray(etas, dtype=np.float64)
     if etas_np.ndim != 2 or etas_np.shape[1] != family.stat_dim or etas_np.shape[0] == 0:
         raise ValueError(
@@ -758,12 +871,15 @@ def generate_dataset(
 
     num_points = etas_np.shape[0]
     settings = {
-        "sampler": "blackjax.nuts+window_adaptation",
+        "sampler": "blackjax.nuts+window_adaptation" if sampler == "nuts"
+        else "blackjax.adaptive_tempered_smc",
         "num_chains": int(num_chains), "num_warmup": int(num_warmup),
         "num_samples": int(num_samples), "chunk_size": int(chunk_size),
         "max_retries": int(max_retries), "min_ess": float(min_ess),
         "max_rhat": float(max_rhat), "target_acceptance_rate": float(target_acceptance_rate),
-        "unconstrained": "numpyro biject_to(support) with log|det J|",
+        "fallback": fallback, "smc": smc._asdict(),
+        "unconstrained": "support_transform (softplus for x >= 0, biject_to otherwise) with "
+                         "log|det J|; circle cut at its lowest-density grid angle",
     }
     key_info = {"impl": str(jax.random.key_impl(key)),
                 "data": np.asarray(jax.random.key_data(key)).tolist()}
@@ -784,70 +900,114 @@ def generate_dataset(
     all_keys = _point_keys(key, np.arange(num_points))
     num_devices = len(jax.local_devices())
     batch = -(-min(chunk_size, num_points) // num_devices) * num_devices
-    run_kwargs = dict(num_chains=num_chains, target_acceptance_rate=target_acceptance_rate,
-                      return_x=False)
+    dim = math.prod(_unconstrained_shape(family))
     starts = list(range(0, num_points, chunk_size))
 
-    def dispatch(c):
-        """Start chunk c's first attempt (JAX dispatches asynchronously), or load it from disk."""
-        lo, hi = starts[c], min(starts[c] + chunk_size, num_points)
-        if checkpoint is not None:
-            done = checkpoint.load(c, etas_np[lo:hi])
-            if done is not None:
-                return ("done", done)
-        draws = _run_flat(family, jax_etas[lo:hi], _attempt_keys(all_keys[lo:hi], 0),
-                          num_warmup=num_warmup, num_samples=num_samples,
-                          batch_size=batch, **run_kwargs)
-        return ("running", draws)
+    def passes(d):
+        return passes_diagnostics(d, min_ess=min_ess, max_rhat=max_rhat)
 
-    def finish(c, pending):
-        kind, value = pending
-        if kind == "done":
-            return value
-        lo, hi = starts[c], min(starts[c] + chunk_size, num_points)
-        out = compute_diagnostics(value.statistics, value.divergences)
-        out.update(num_samples=np.full(hi - lo, num_samples, np.int64),
-                   retries=np.zeros(hi - lo, np.int64))
-        passed = passes_diagnostics(out, min_ess=min_ess, max_rhat=max_rhat)
-        for attempt in range(1, max_retries + 1):
-            failing = np.flatnonzero(~passed)
-            if failing.size == 0:
-                break
-            factor = 2 ** attempt
-            idx = lo + failing
-            draws = _run_flat(family, jax_etas[idx], _attempt_keys(all_keys[idx], attempt),
-                              num_warmup=num_warmup * factor, num_samples=num_samples * factor,
-                              batch_size=_bucket(failing.size, batch), **run_kwargs)
-            again = compute_diagnostics(draws.statistics, draws.divergences)
-            for name, value in again.items():
-                out[name][failing] = value
-            out["num_samples"][failing] = num_samples * factor
-            out["retries"][failing] = attempt
-            passed[failing] = passes_diagnostics(again, min_ess=min_ess, max_rhat=max_rhat)
+    def run_smc_points(idx, attempt, ref_mean, ref_sd):
+        draws = _run_smc_flat(family, jax_etas[idx], _attempt_keys(all_keys[idx], attempt), smc,
+                              jnp.asarray(ref_mean, jax_etas.dtype),
+                              jnp.asarray(ref_sd, jax_etas.dtype), _bucket(idx.size, batch))
+        return smc_diagnostics(draws)
+
+    def compute(lo: int, hi: int) -> dict[str, np.ndarray]:
+        """All attempts for the points lo..hi-1 (run on the worker thread)."""
+        idx = np.arange(lo, hi)
+        n = hi - lo
+        u_max, climb = np.zeros(n), np.zeros(n)
+        if sampler == "smc":
+            out = run_smc_points(idx, 0, np.zeros((n, dim)), np.full((n, dim), 2.0))
+            out.update(num_samples=np.full(n, smc.num_particles, np.int64),
+                       retries=np.zeros(n, np.int64), smc=np.ones(n, bool))
+            passed = passes(out)
+        else:
+            draws = _run_flat(family, jax_etas[idx], _attempt_keys(all_keys[idx], 0),
+                              num_chains=num_chains, num_warmup=num_warmup,
+                              num_samples=num_samples, batch_size=batch,
+                              target_acceptance_rate=target_acceptance_rate, return_x=False)
+            out = compute_diagnostics(draws.statistics, draws.divergences)
+            ref_mean, ref_sd = np.array(draws.u_mean), np.array(draws.u_sd)
+            u_max = np.array(draws.u_max, np.float64)
+            climb = np.array(draws.climb, np.float64)
+            out.update(num_samples=np.full(n, num_samples, np.int64),
+                       retries=np.zeros(n, np.int64), smc=np.zeros(n, bool))
+            passed = passes(out)
+            for attempt in range(1, max_retries + 1):
+                failing = np.flatnonzero(~passed & ~_improper(out, u_max, climb))
+                if failing.size == 0:
+                    break
+                factor = 2 ** attempt
+                draws = _run_flat(
+                    family, jax_etas[idx[failing]], _attempt_keys(all_keys[idx[failing]], attempt),
+                    num_chains=num_chains, num_warmup=num_warmup * factor,
+                    num_samples=num_samples * factor, batch_size=_bucket(failing.size, batch),
+                    target_acceptance_rate=target_acceptance_rate, return_x=False,
+                )
+                again = compute_diagnostics(draws.statistics, draws.divergences)
+                for name, value in again.items():
+                    out[name][failing] = value
+                ref_mean[failing], ref_sd[failing] = np.asarray(draws.u_mean), np.asarray(
+                    draws.u_sd)
+                u_max[failing] = np.asarray(draws.u_max)
+                climb[failing] = np.asarray(draws.climb)
+                out["num_samples"][failing] = num_samples * factor
+                out["retries"][failing] = attempt
+                passed[failing] = passes(again)
+            failing = np.flatnonzero(~passed & ~_improper(out, u_max, climb))
+            if fallback == "smc" and failing.size:
+                # reference N(mean, (2 sd)^2) of the pooled chains: it spans every mode they saw
+                m, sd = ref_mean[failing], 2.0 * ref_sd[failing]
+                usable = np.isfinite(m) & np.isfinite(sd) & (sd > 0)
+                again = run_smc_points(idx[failing], max_retries + 1, np.where(usable, m, 0.0),
+                                       np.where(usable, sd, 2.0))
+                for name, value in again.items():
+                    out[name][failing] = value
+                out["num_samples"][failing] = smc.num_particles
+                out["retries"][failing] = max_retries + 1
+                out["smc"][failing] = True
+                u_max[failing], climb[failing] = 0.0, 0.0
+                passed[failing] = passes(again)
         out["passed"] = passed
-        if checkpoint is not None:
-            checkpoint.save(c, etas_np[lo:hi], out)
+        out["cause"] = _failure_causes(out, passed, u_max, climb, family.stat_labels, min_ess,
+                                       max_rhat)
         return out
 
     from tqdm.auto import tqdm
 
-    results: list[dict[str, np.ndarray]] = []
+    results: list[dict[str, np.ndarray]] = [
+        checkpoint.load(c, etas_np[lo:lo + chunk_size]) if checkpoint is not None else None
+        for c, lo in enumerate(starts)
+    ]
+    resumed = sum(r is not None for r in results)
+    if resumed:
+        print(f"resumed {resumed} of {len(starts)} chunks from {checkpoint.directory}",
+              file=sys.stderr, flush=True)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
     failed = 0
-    with tqdm(total=num_points, disable=not progress, unit="eta",
-              desc=f"NUTS {family.name}") as bar:
-        pending = dispatch(0)
-        for c in range(len(starts)):
-            following = dispatch(c + 1) if c + 1 < len(starts) else None  # overlap host work
-            out = finish(c, pending)
-            pending = following
-            results.append(out)
-            failed += int((~out["passed"]).sum())
-            bar.update(len(out["passed"]))
-            bar.set_postfix(failed=failed)
-            if callback is not None:
-                callback(c, starts[c] + len(out["passed"]), num_points)
+    try:
+        with tqdm(total=num_points, disable=not progress, unit="eta",
+                  desc=f"{sampler.upper()} {family.name}") as bar:
+            for c, lo in enumerate(starts):
+                hi = min(lo + chunk_size, num_points)
+                if results[c] is None:
+                    results[c] = _in_worker(functools.partial(compute, lo, hi))
+                    if checkpoint is not None:
+                        checkpoint.save(c, etas_np[lo:hi], results[c])
+                failed += int((~results[c]["passed"]).sum())
+                bar.update(hi - lo)
+                bar.set_postfix(failed=failed)
+                if callback is not None:
+                    callback(c, hi, num_points)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
 
     arrays = {k: np.concatenate([r[k] for r in results]) for k in _CHUNK_ARRAYS}
+    failures = [{"index": int(i), "eta": etas_np[i].tolist(), "cause": str(arrays["cause"][i])}
+                for i in np.flatnonzero(~arrays["passed"])]
     metadata = {
         "sampler": settings,
         "key": key_info,
@@ -857,8 +1017,10 @@ def generate_dataset(
                      "numpy": np.__version__},
         "num_devices": num_devices,
         "x64": bool(jax.config.jax_enable_x64),
+        "failures": failures,
     }
     return ExpectationDataset(
         family_name=family.name, stat_labels=tuple(family.stat_labels), eta=etas_np,
-        metadata=metadata, **arrays,
+        metadata=metadata, extras={"tempered_smc": arrays["smc"]},
+        **{k: arrays[k] for k in _DATASET_ARRAYS},
     )

@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # one compiled configuration for the Gaussian: 2 chains x (150 + 300), batches of 4 etas
 SETTINGS = dict(num_chains=2, num_warmup=150, num_samples=300)
-GEN = dict(SETTINGS, chunk_size=4, max_retries=0, min_ess=50, max_rhat=1.1, progress=False)
+GEN = dict(SETTINGS, chunk_size=4, max_retries=0, min_ess=50, max_rhat=1.1, progress=False,
+           fallback=None)
 ETAS = np.array([[0.0, -0.5], [1.0, -1.0], [-1.0, -2.0], [0.5, -0.3],
                  [2.0, -1.5], [-0.5, -0.8], [0.2, -2.5], [1.5, -0.6]])
 
