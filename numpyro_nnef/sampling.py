@@ -31,7 +31,8 @@ import blackjax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from blackjax.adaptation.base import get_filter_adapt_info_fn
+from blackjax.adaptation.window_adaptation import base as window_base
+from blackjax.adaptation.window_adaptation import build_schedule
 from blackjax.smc import adaptive_tempered, resampling
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -164,42 +165,65 @@ def _unconstrained_shape(family: ExponentialFamily) -> tuple[int, ...]:
 
 
 def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_rate, return_x):
-    """(key, eta) -> per-eta outputs of ``num_chains`` independent adapted NUTS chains."""
+    """(key, eta) -> per-eta outputs of ``num_chains`` independent adapted NUTS chains.
+
+    Warm-up (Stan's windowed adaptation of step size and diagonal mass matrix, BlackJAX's
+    ``window_adaptation.base`` and schedule) and sampling run in one scan over num_warmup +
+    num_samples steps, so the compiled program holds one copy of the NUTS kernel (about half
+    the compilation time of a warm-up scan followed by a sampling scan).
+    """
     u_shape = _unconstrained_shape(family)
+    schedule = np.array(build_schedule(num_warmup), dtype=np.int32).reshape(num_warmup, 2)
+    stage = np.concatenate([schedule[:, 0], np.zeros(num_samples, np.int32)])
+    window_end = np.concatenate([schedule[:, 1], np.zeros(num_samples, np.int32)]).astype(bool)
+    with warnings.catch_warnings():  # deprecated in BlackJAX 1.7 for its staged engine, same math
+        warnings.simplefilter("ignore", DeprecationWarning)
+        adapt_init, adapt_update, adapt_final = window_base(True, target_acceptance_rate)
+    kernel = blackjax.nuts.build_kernel()
 
     def one_eta(key, eta):
         transform, logdensity = engine_maps(family, eta)
-        k_init, k_warm, k_draw = jax.random.split(key, 3)
+        k_init, k_run = jax.random.split(key)
         u_init = jax.random.uniform(
             k_init, (num_chains,) + u_shape, eta.dtype, minval=-2.0, maxval=2.0
         )
 
-        def one_chain(k_w, k_d, u0):
-            warmup = blackjax.window_adaptation(
-                blackjax.nuts, logdensity, target_acceptance_rate=target_acceptance_rate,
-                adaptation_info_fn=get_filter_adapt_info_fn(),
-            )
-            (state, parameters), _ = warmup.run(k_w, u0, num_steps=num_warmup)
-            step = blackjax.nuts(logdensity, **parameters).step
+        def one_chain(k, u0):
+            def body(carry, inputs):
+                state, adaptation, step_size, imm = carry
+                i, k_step, stage_i, end_i = inputs
+                state, info = kernel(k_step, state, logdensity, step_size, imm)
 
-            def body(state, k):
-                state, info = step(k, state)
+                def adapt(adaptation):
+                    adaptation = adapt_update(adaptation, (stage_i, end_i), state.position,
+                                              info.acceptance_rate)
+                    last = i == num_warmup - 1
+                    final_step, final_imm = adapt_final(adaptation)
+                    return (adaptation, jnp.where(last, final_step, adaptation.step_size),
+                            jnp.where(last, final_imm, adaptation.inverse_mass_matrix))
+
+                adaptation, step_size, imm = jax.lax.cond(
+                    i < num_warmup, adapt, lambda a: (a, step_size, imm), adaptation
+                )
                 x = transform(state.position)
                 out = (family.sufficient_statistics(x), info.is_divergent, info.acceptance_rate,
                        jnp.ravel(state.position), state.logdensity)
-                return state, out + ((x,) if return_x else ())
+                return (state, adaptation, step_size, imm), out + ((x,) if return_x else ())
 
-            _, outs = jax.lax.scan(body, state, jax.random.split(k_d, num_samples))
-            stats, divergent, accept, u, logp = outs[:5]
+            adaptation = adapt_init(u0, jnp.ones((), eta.dtype))
+            carry = (blackjax.nuts.init(u0, logdensity), adaptation, adaptation.step_size,
+                     adaptation.inverse_mass_matrix)
+            steps = num_warmup + num_samples
+            (_, _, step_size, _), outs = jax.lax.scan(
+                body, carry, (jnp.arange(steps), jax.random.split(k, steps), stage, window_end)
+            )
+            stats, divergent, accept, u, logp = (o[num_warmup:] for o in outs[:5])
             quarter = max(1, num_samples // 4)
             climb = jnp.mean(logp[-quarter:]) - jnp.mean(logp[:quarter])
-            result = (stats, jnp.sum(divergent), parameters["step_size"], jnp.mean(accept), u,
-                      climb)
-            return result + ((outs[5],) if return_x else ())
+            result = (stats, jnp.sum(divergent), step_size, jnp.mean(accept), u, climb)
+            return result + ((outs[5][num_warmup:],) if return_x else ())
 
-        outs = jax.vmap(one_chain)(
-            jax.random.split(k_warm, num_chains), jax.random.split(k_draw, num_chains), u_init
-        )
+        outs = jax.vmap(one_chain)(jax.random.split(k_run, num_chains), u_init)
         stats, divergences, step_size, accept, u, climb = outs[:6]
         u = u.reshape(-1, u.shape[-1])  # (chains * draws, d)
         positions = (jnp.mean(u, axis=0), jnp.std(u, axis=0), jnp.max(jnp.abs(u)),
@@ -744,11 +768,6 @@ class _Checkpoint:
         atomic_write(self.path(index), lambda f: np.savez(f, **payload))
 
 
-def _bucket(n: int, cap: int) -> int:
-    """Batch size for a retry of n points: next power of two, at most ``cap`` (few compiles)."""
-    return min(cap, 1 << max(0, (n - 1).bit_length()))
-
-
 def _improper(d: dict[str, np.ndarray], u_max: np.ndarray, climb: np.ndarray) -> np.ndarray:
     """(n,) bool: non-finite mean statistics, chains beyond |u| = IMPROPER_U, or a chain whose
     log density rose by more than IMPROPER_CLIMB nats over its draws (heuristics for A = inf)."""
@@ -834,7 +853,9 @@ def generate_dataset(
 
     ``sampler="nuts"`` (default): adapted NUTS chains. A point fails if some statistic has r_hat
     > ``max_rhat`` or ess_bulk/ess_tail < ``min_ess``, or there was a divergence; failing points
-    are re-run with num_samples and num_warmup doubled, up to ``max_retries`` times, and then,
+    are re-run with new keys and at least 2^r times the chains at retry r (free slots of the
+    chunk's batch give more), up to ``max_retries`` times, through the one compiled program of
+    the first attempt (fixed shapes: retries never compile), and then,
     with ``fallback="smc"``, once by adaptive tempered SMC (:func:`run_smc`, reference fitted to
     the NUTS draws; ``retries = max_retries + 1``, ``extras["tempered_smc"]``), which mixes
     over modes that stuck chains cannot. ``sampler="smc"`` runs SMC for every point (advised for
@@ -906,11 +927,41 @@ def generate_dataset(
     def passes(d):
         return passes_diagnostics(d, min_ess=min_ess, max_rhat=max_rhat)
 
-    def run_smc_points(idx, attempt, ref_mean, ref_sd):
-        draws = _run_smc_flat(family, jax_etas[idx], _attempt_keys(all_keys[idx], attempt), smc,
-                              jnp.asarray(ref_mean, jax_etas.dtype),
-                              jnp.asarray(ref_sd, jax_etas.dtype), _bucket(idx.size, batch))
-        return smc_diagnostics(draws)
+    smc_batch = min(batch, 8 * num_devices)
+
+    def run_smc_points(points, attempt, ref_mean, ref_sd):
+        """SMC for the etas ``points``, in calls of one fixed batch shape (one compilation)."""
+        keys = _attempt_keys(all_keys[points], attempt)
+        parts = [_run_smc_flat(family, jax_etas[points[sl]], keys[sl], smc,
+                               jnp.asarray(ref_mean[sl], jax_etas.dtype),
+                               jnp.asarray(ref_sd[sl], jax_etas.dtype), smc_batch)
+                 for sl in (slice(i, i + smc_batch) for i in range(0, points.size, smc_batch))]
+        return smc_diagnostics(SMCDraws(*(np.concatenate(f) for f in zip(*parts, strict=True))))
+
+    def run_nuts_points(points, attempt, replicas):
+        """NUTS for the etas ``points``: ``replicas`` independent runs of num_chains chains each,
+        pooled as replicas * num_chains chains, in calls of the chunk's batch shape (so every
+        attempt reuses one compiled program). Returns (diagnostics, u mean, u sd, u_max, climb).
+        """
+        rows = np.repeat(points, replicas)
+        keys = _attempt_keys(all_keys[rows], attempt)
+        keys = jax.vmap(jax.random.fold_in)(keys, jnp.asarray(np.tile(np.arange(replicas),
+                                                                       points.size), jnp.uint32))
+        parts = [_run_flat(family, jax_etas[rows[i:i + batch]], keys[i:i + batch],
+                           num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
+                           batch_size=batch, target_acceptance_rate=target_acceptance_rate,
+                           return_x=False)
+                 for i in range(0, rows.size, batch)]
+        d = NUTSDraws(*(None if f[0] is None else np.concatenate([np.asarray(a) for a in f])
+                        for f in zip(*parts, strict=True)))
+        n = points.size
+        stats = d.statistics.reshape((n, replicas * num_chains) + d.statistics.shape[2:])
+        diagnostics = compute_diagnostics(stats, d.divergences.reshape(n, replicas).sum(1))
+        u_mean = d.u_mean.reshape(n, replicas, -1)
+        second = (d.u_sd.reshape(n, replicas, -1) ** 2 + u_mean**2).mean(1)
+        u_sd = np.sqrt(np.maximum(second - u_mean.mean(1) ** 2, 0.0))
+        return (diagnostics, u_mean.mean(1), u_sd, d.u_max.reshape(n, replicas).max(1),
+                d.climb.reshape(n, replicas).max(1))
 
     def compute(lo: int, hi: int) -> dict[str, np.ndarray]:
         """All attempts for the points lo..hi-1 (run on the worker thread)."""
@@ -923,14 +974,7 @@ def generate_dataset(
                        retries=np.zeros(n, np.int64), smc=np.ones(n, bool))
             passed = passes(out)
         else:
-            draws = _run_flat(family, jax_etas[idx], _attempt_keys(all_keys[idx], 0),
-                              num_chains=num_chains, num_warmup=num_warmup,
-                              num_samples=num_samples, batch_size=batch,
-                              target_acceptance_rate=target_acceptance_rate, return_x=False)
-            out = compute_diagnostics(draws.statistics, draws.divergences)
-            ref_mean, ref_sd = np.array(draws.u_mean), np.array(draws.u_sd)
-            u_max = np.array(draws.u_max, np.float64)
-            climb = np.array(draws.climb, np.float64)
+            out, ref_mean, ref_sd, u_max, climb = run_nuts_points(idx, 0, 1)
             out.update(num_samples=np.full(n, num_samples, np.int64),
                        retries=np.zeros(n, np.int64), smc=np.zeros(n, bool))
             passed = passes(out)
@@ -938,21 +982,13 @@ def generate_dataset(
                 failing = np.flatnonzero(~passed & ~_improper(out, u_max, climb))
                 if failing.size == 0:
                     break
-                factor = 2 ** attempt
-                draws = _run_flat(
-                    family, jax_etas[idx[failing]], _attempt_keys(all_keys[idx[failing]], attempt),
-                    num_chains=num_chains, num_warmup=num_warmup * factor,
-                    num_samples=num_samples * factor, batch_size=_bucket(failing.size, batch),
-                    target_acceptance_rate=target_acceptance_rate, return_x=False,
-                )
-                again = compute_diagnostics(draws.statistics, draws.divergences)
+                # at least 2^attempt times the chains; free slots of the batch get more
+                replicas = max(2**attempt, batch // failing.size)
+                again, m, sd, u_max[failing], climb[failing] = run_nuts_points(
+                    idx[failing], attempt, replicas)
                 for name, value in again.items():
                     out[name][failing] = value
-                ref_mean[failing], ref_sd[failing] = np.asarray(draws.u_mean), np.asarray(
-                    draws.u_sd)
-                u_max[failing] = np.asarray(draws.u_max)
-                climb[failing] = np.asarray(draws.climb)
-                out["num_samples"][failing] = num_samples * factor
+                ref_mean[failing], ref_sd[failing] = m, sd
                 out["retries"][failing] = attempt
                 passed[failing] = passes(again)
             failing = np.flatnonzero(~passed & ~_improper(out, u_max, climb))

@@ -46,8 +46,9 @@ def test_tempered_smc_matches_quadrature_on_a_bimodal_family():
 def test_failed_nuts_points_fall_back_to_smc():
     family = wells()
     etas = np.array([[0.3, 6.0, -0.5]])  # modes at x = +-2.45, barrier 18 nats: chains stick
+    # 8 chains from u ~ U(-2, 2): all in one well has probability about 1/128 (they would pass)
     data = generate_dataset(family, etas, key=jax.random.key(3), sampler="nuts", smc=SMC,
-                            max_retries=0, **NUTS)
+                            max_retries=0, **dict(NUTS, num_chains=8))
     assert data.retries.tolist() == [1] and data.extras["tempered_smc"].tolist() == [True]
     assert data.passed.all(), data.metadata["failures"]
     z, limit = within_mcse(data, family)
