@@ -395,6 +395,21 @@ def _enable_x64(flag: bool) -> None:
     jax.config.update("jax_enable_x64", flag)
 
 
+def _persistent_compilation_cache() -> None:
+    """For :func:`entry_point` only (not in-process callers of :func:`main`): XLA programs
+    that took over a second to compile are kept in ``$NNEF_CACHE/xla`` (default
+    ``~/.cache/numpyro_nnef/xla``), so a rerun (a resume after Ctrl-C, the next box of the same
+    family) skips compilation; ``NNEF_CACHE=off`` disables it, and a directory already set via
+    ``JAX_COMPILATION_CACHE_DIR`` is kept."""
+    import jax
+
+    root = os.environ.get("NNEF_CACHE", str(Path.home() / ".cache" / "numpyro_nnef"))
+    if root.lower() == "off" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(root) / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _run_generate(config_path: Path, *, output: str | None, seed: int | None,
                   checkpoint: str | None, progress: bool) -> Path:
     """Generate and save the dataset described by ``config_path``; returns its path."""
@@ -863,10 +878,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """``python -m numpyro_nnef`` and the ``numpyro-nnef`` script: :func:`main` with the
+    persistent compilation cache, exiting with its status."""
+    _persistent_compilation_cache()
     status = main()
     if status == 130:  # a sampling thread may still be inside XLA: leave without joining it
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
     sys.exit(status)
+
+
+if __name__ == "__main__":
+    entry_point()

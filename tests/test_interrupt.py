@@ -38,7 +38,9 @@ fallback = "none"
 
 
 def cli(config: Path, ckpt: Path, output: Path, *extra: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    # the persistent compilation cache lives beside the run: the resumed and the fresh run load
+    # the interrupted run's compiled program, and must still match bit for bit
+    env = dict(os.environ, NNEF_CACHE=str(config.parent / "cache"), PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     return subprocess.Popen(
         [sys.executable, "-m", "numpyro_nnef", "generate", "--config", str(config),
@@ -63,6 +65,7 @@ def test_sigint_resume_is_bit_identical_and_foreign_checkpoints_exit_2(tmp_path)
     kept = len(list(ckpt.glob("chunk_*.npz")))
     assert 1 <= kept < 24, kept
     assert not list(ckpt.glob(".*.tmp"))  # no half-written chunk
+    assert list((tmp_path / "cache" / "xla").iterdir())  # the compiled sampler was kept
 
     resume = cli(config, ckpt, tmp_path / "resumed.npz")
     _, err = resume.communicate(timeout=300)
