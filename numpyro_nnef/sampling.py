@@ -1,15 +1,20 @@
-"""NUTS data generation: eta -> (E[T(x)], Cov[T(x)]) with ArviZ-exact diagnostics.
+"""Data generation: eta -> (E[T(x)], Cov[T(x)]) with ArviZ-exact diagnostics.
 
-For each natural parameter eta, independent NUTS chains (BlackJAX window adaptation, then a scan
-of NUTS steps) target p(x | eta) ∝ h(x) exp(eta . T(x)) in unconstrained space: with
-x = f(u), f = ``biject_to(family.support)``, the chains sample
+For each natural parameter eta, independent NUTS chains (Stan's windowed adaptation and the
+draws in one scan) target p(x | eta) ∝ h(x) exp(eta . T(x)) in unconstrained space: with
+x = f(u), f = :func:`support_transform` (softplus for x >= 0, ``biject_to(support)`` otherwise;
+a circle is cut at its lowest-density angle), the chains sample
 
     log p(u | eta) = eta . T(f(u)) + log h(f(u)) + log |det J_f(u)| + const,
 
-so constrained supports are never clipped. Chains are vectorised (``vmap``) over eta and chains
-and sharded over all local JAX devices along the eta axis. Randomness comes only from the given
-``jax.random`` key: point i uses ``fold_in(fold_in(key, 0), i)``, attempt r of that point uses
-``fold_in(point_key, r)``, so results do not depend on chunking or on the number of devices.
+so constrained supports are never clipped. Points that fail the diagnostics are retried with
+more chains and then handed to adaptive tempered SMC (:func:`run_smc`), which also serves as
+the engine for multimodal families (``sampler="smc"``). Chains are vectorised (``vmap``) over
+eta and chains and sharded over all local JAX devices along the eta axis. Randomness comes only
+from the given ``jax.random`` key: point i uses ``fold_in(fold_in(key, 0), i)``, attempt r of that
+point ``fold_in(point_key, r)`` (replica j of a NUTS retry ``fold_in(attempt_key, j)``), so results
+do not depend on interruptions or the number of devices, nor, for first attempts, on chunking
+(a retry gives each failing point as many replicas as fill the chunk's batch).
 """
 
 from __future__ import annotations
