@@ -14,7 +14,7 @@ eta and chains and sharded over all local JAX devices along the eta axis. Random
 from the given ``jax.random`` key: point i uses ``fold_in(fold_in(key, 0), i)``, attempt r of that
 point ``fold_in(point_key, r)`` (replica j of a NUTS retry ``fold_in(attempt_key, j)``), so results
 do not depend on interruptions or the number of devices, nor, for first attempts, on chunking
-(a retry gives each failing point as many replicas as fill the chunk's batch).
+(a retry gives each failing point as many replicas as fill the retry batch).
 """
 
 from __future__ import annotations
@@ -859,8 +859,8 @@ def generate_dataset(
     ``sampler="nuts"`` (default): adapted NUTS chains. A point fails if some statistic has r_hat
     > ``max_rhat`` or ess_bulk/ess_tail < ``min_ess``, or there was a divergence; failing points
     are re-run with new keys and at least 2^r times the chains at retry r (free slots of the
-    chunk's batch give more), up to ``max_retries`` times, through the one compiled program of
-    the first attempt (fixed shapes: retries never compile), and then,
+    retry batch give more), up to ``max_retries`` times, all through one compiled program (the
+    first attempt's for runs of at most 4 chunks, else one of 8 eta per device), and then,
     with ``fallback="smc"``, once by adaptive tempered SMC (:func:`run_smc`, reference fitted to
     the NUTS draws; ``retries = max_retries + 1``, ``extras["tempered_smc"]``), which mixes
     over modes that stuck chains cannot. ``sampler="smc"`` runs SMC for every point (advised for
@@ -943,23 +943,30 @@ def generate_dataset(
                  for sl in (slice(i, i + smc_batch) for i in range(0, points.size, smc_batch))]
         return smc_diagnostics(SMCDraws(*(np.concatenate(f) for f in zip(*parts, strict=True))))
 
-    def run_nuts_points(points, attempt, replicas):
-        """NUTS for the etas ``points``: ``replicas`` independent runs of num_chains chains each,
-        pooled as replicas * num_chains chains, in calls of the chunk's batch shape (so every
-        attempt reuses one compiled program). Returns (diagnostics, u mean, u sd, u_max, climb).
-        """
+    # retries of a short run go through the first attempt's program (no compilation); a longer
+    # run compiles one small retry program once, so that a few failing points are cheap to redo
+    retry_batch = batch if len(starts) <= 4 else min(batch, 8 * num_devices)
+
+    def dispatch_nuts(points, attempt, replicas) -> list[NUTSDraws]:
+        """Start NUTS for the etas ``points`` (JAX dispatches asynchronously): ``replicas``
+        independent runs of num_chains chains each, in calls of a fixed batch shape (one
+        compiled program for first attempts, one for all retries)."""
+        size = batch if attempt == 0 else retry_batch
         rows = np.repeat(points, replicas)
         keys = _attempt_keys(all_keys[rows], attempt)
         keys = jax.vmap(jax.random.fold_in)(keys, jnp.asarray(np.tile(np.arange(replicas),
                                                                        points.size), jnp.uint32))
-        parts = [_run_flat(family, jax_etas[rows[i:i + batch]], keys[i:i + batch],
-                           num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
-                           batch_size=batch, target_acceptance_rate=target_acceptance_rate,
-                           return_x=False)
-                 for i in range(0, rows.size, batch)]
+        return [_run_flat(family, jax_etas[rows[i:i + size]], keys[i:i + size],
+                          num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
+                          batch_size=size, target_acceptance_rate=target_acceptance_rate,
+                          return_x=False)
+                for i in range(0, rows.size, size)]
+
+    def collect_nuts(parts: list[NUTSDraws], n: int, replicas: int) -> tuple:
+        """Pool each point's replicas as replicas * num_chains chains: (diagnostics, u mean,
+        u sd, u_max, climb)."""
         d = NUTSDraws(*(None if f[0] is None else np.concatenate([np.asarray(a) for a in f])
                         for f in zip(*parts, strict=True)))
-        n = points.size
         stats = d.statistics.reshape((n, replicas * num_chains) + d.statistics.shape[2:])
         diagnostics = compute_diagnostics(stats, d.divergences.reshape(n, replicas).sum(1))
         u_mean = d.u_mean.reshape(n, replicas, -1)
@@ -968,8 +975,9 @@ def generate_dataset(
         return (diagnostics, u_mean.mean(1), u_sd, d.u_max.reshape(n, replicas).max(1),
                 d.climb.reshape(n, replicas).max(1))
 
-    def compute(lo: int, hi: int) -> dict[str, np.ndarray]:
-        """All attempts for the points lo..hi-1 (run on the worker thread)."""
+    def compute(lo: int, hi: int, first: list[NUTSDraws] | None) -> dict[str, np.ndarray]:
+        """All attempts for the points lo..hi-1 (``first``: their first NUTS attempt, if it was
+        dispatched already)."""
         idx = np.arange(lo, hi)
         n = hi - lo
         u_max, climb = np.zeros(n), np.zeros(n)
@@ -979,7 +987,8 @@ def generate_dataset(
                        retries=np.zeros(n, np.int64), smc=np.ones(n, bool))
             passed = passes(out)
         else:
-            out, ref_mean, ref_sd, u_max, climb = run_nuts_points(idx, 0, 1)
+            first = dispatch_nuts(idx, 0, 1) if first is None else first
+            out, ref_mean, ref_sd, u_max, climb = collect_nuts(first, n, 1)
             out.update(num_samples=np.full(n, num_samples, np.int64),
                        retries=np.zeros(n, np.int64), smc=np.zeros(n, bool))
             passed = passes(out)
@@ -987,10 +996,10 @@ def generate_dataset(
                 failing = np.flatnonzero(~passed & ~_improper(out, u_max, climb))
                 if failing.size == 0:
                     break
-                # at least 2^attempt times the chains; free slots of the batch get more
-                replicas = max(2**attempt, batch // failing.size)
-                again, m, sd, u_max[failing], climb[failing] = run_nuts_points(
-                    idx[failing], attempt, replicas)
+                # at least 2^attempt times the chains; free slots of the retry batch get more
+                replicas = max(2**attempt, retry_batch // failing.size)
+                again, m, sd, u_max[failing], climb[failing] = collect_nuts(
+                    dispatch_nuts(idx[failing], attempt, replicas), failing.size, replicas)
                 for name, value in again.items():
                     out[name][failing] = value
                 ref_mean[failing], ref_sd[failing] = m, sd
@@ -1025,6 +1034,19 @@ def generate_dataset(
     if resumed:
         print(f"resumed {resumed} of {len(starts)} chunks from {checkpoint.directory}",
               file=sys.stderr, flush=True)
+    ahead: dict[int, list[NUTSDraws]] = {}
+
+    def work(c: int) -> dict[str, np.ndarray]:
+        """Chunk c, on the worker thread. The next chunk's first attempt is dispatched before
+        chunk c is finished, so XLA runs two chunks at once (both cores of a CPU host busy)."""
+        if sampler == "nuts":
+            following = [d for d in range(c + 1, len(starts)) if results[d] is None][:1]
+            for d in [c] + following:
+                if d not in ahead:
+                    ahead[d] = dispatch_nuts(
+                        np.arange(starts[d], min(starts[d] + chunk_size, num_points)), 0, 1)
+        return compute(starts[c], min(starts[c] + chunk_size, num_points), ahead.pop(c, None))
+
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt) if in_main else None
     failed = 0
@@ -1034,7 +1056,7 @@ def generate_dataset(
             for c, lo in enumerate(starts):
                 hi = min(lo + chunk_size, num_points)
                 if results[c] is None:
-                    results[c] = _in_worker(functools.partial(compute, lo, hi))
+                    results[c] = _in_worker(functools.partial(work, c))
                     if checkpoint is not None:
                         checkpoint.save(c, etas_np[lo:hi], results[c])
                 failed += int((~results[c]["passed"]).sum())
