@@ -1,7 +1,7 @@
 """Data generation: eta -> (E[T(x)], Cov[T(x)]) with ArviZ-exact diagnostics.
 
-For each natural parameter eta, independent NUTS chains (Stan's windowed adaptation and the
-draws in one scan) target p(x | eta) ∝ h(x) exp(eta . T(x)) in unconstrained space: with
+For each natural parameter eta, independent NUTS chains (BlackJAX window adaptation, then a scan
+of NUTS steps) target p(x | eta) ∝ h(x) exp(eta . T(x)) in unconstrained space: with
 x = f(u), f = :func:`support_transform` (softplus for x >= 0, ``biject_to(support)`` otherwise;
 a circle is cut at its lowest-density angle), the chains sample
 
@@ -36,8 +36,7 @@ import blackjax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from blackjax.adaptation.window_adaptation import base as window_base
-from blackjax.adaptation.window_adaptation import build_schedule
+from blackjax.adaptation.base import get_filter_adapt_info_fn
 from blackjax.smc import adaptive_tempered, resampling
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -170,65 +169,43 @@ def _unconstrained_shape(family: ExponentialFamily) -> tuple[int, ...]:
 
 
 def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_rate, return_x):
-    """(key, eta) -> per-eta outputs of ``num_chains`` independent adapted NUTS chains.
-
-    Warm-up (Stan's windowed adaptation of step size and diagonal mass matrix, BlackJAX's
-    ``window_adaptation.base`` and schedule) and sampling run in one scan over num_warmup +
-    num_samples steps, so the compiled program holds one copy of the NUTS kernel (about half
-    the compilation time of a warm-up scan followed by a sampling scan).
-    """
+    """(key, eta) -> per-eta outputs of ``num_chains`` independent adapted NUTS chains
+    (BlackJAX window adaptation, then a scan of NUTS steps)."""
     u_shape = _unconstrained_shape(family)
-    schedule = np.array(build_schedule(num_warmup), dtype=np.int32).reshape(num_warmup, 2)
-    stage = np.concatenate([schedule[:, 0], np.zeros(num_samples, np.int32)])
-    window_end = np.concatenate([schedule[:, 1], np.zeros(num_samples, np.int32)]).astype(bool)
-    with warnings.catch_warnings():  # deprecated in BlackJAX 1.7 for its staged engine, same math
-        warnings.simplefilter("ignore", DeprecationWarning)
-        adapt_init, adapt_update, adapt_final = window_base(True, target_acceptance_rate)
-    kernel = blackjax.nuts.build_kernel()
 
     def one_eta(key, eta):
         transform, logdensity = engine_maps(family, eta)
-        k_init, k_run = jax.random.split(key)
+        k_init, k_warm, k_draw = jax.random.split(key, 3)
         u_init = jax.random.uniform(
             k_init, (num_chains,) + u_shape, eta.dtype, minval=-2.0, maxval=2.0
         )
 
-        def one_chain(k, u0):
-            def body(carry, inputs):
-                state, adaptation, step_size, imm = carry
-                i, k_step, stage_i, end_i = inputs
-                state, info = kernel(k_step, state, logdensity, step_size, imm)
+        def one_chain(k_w, k_d, u0):
+            warmup = blackjax.window_adaptation(
+                blackjax.nuts, logdensity, target_acceptance_rate=target_acceptance_rate,
+                adaptation_info_fn=get_filter_adapt_info_fn(),
+            )
+            (state, parameters), _ = warmup.run(k_w, u0, num_steps=num_warmup)
+            step = blackjax.nuts(logdensity, **parameters).step
 
-                def adapt(adaptation):
-                    adaptation = adapt_update(adaptation, (stage_i, end_i), state.position,
-                                              info.acceptance_rate)
-                    last = i == num_warmup - 1
-                    final_step, final_imm = adapt_final(adaptation)
-                    return (adaptation, jnp.where(last, final_step, adaptation.step_size),
-                            jnp.where(last, final_imm, adaptation.inverse_mass_matrix))
-
-                adaptation, step_size, imm = jax.lax.cond(
-                    i < num_warmup, adapt, lambda a: (a, step_size, imm), adaptation
-                )
+            def body(state, k):
+                state, info = step(k, state)
                 x = transform(state.position)
                 out = (family.sufficient_statistics(x), info.is_divergent, info.acceptance_rate,
                        jnp.ravel(state.position), state.logdensity)
-                return (state, adaptation, step_size, imm), out + ((x,) if return_x else ())
+                return state, out + ((x,) if return_x else ())
 
-            adaptation = adapt_init(u0, jnp.ones((), eta.dtype))
-            carry = (blackjax.nuts.init(u0, logdensity), adaptation, adaptation.step_size,
-                     adaptation.inverse_mass_matrix)
-            steps = num_warmup + num_samples
-            (_, _, step_size, _), outs = jax.lax.scan(
-                body, carry, (jnp.arange(steps), jax.random.split(k, steps), stage, window_end)
-            )
-            stats, divergent, accept, u, logp = (o[num_warmup:] for o in outs[:5])
+            _, outs = jax.lax.scan(body, state, jax.random.split(k_d, num_samples))
+            stats, divergent, accept, u, logp = outs[:5]
             quarter = max(1, num_samples // 4)
             climb = jnp.mean(logp[-quarter:]) - jnp.mean(logp[:quarter])
-            result = (stats, jnp.sum(divergent), step_size, jnp.mean(accept), u, climb)
-            return result + ((outs[5][num_warmup:],) if return_x else ())
+            result = (stats, jnp.sum(divergent), parameters["step_size"], jnp.mean(accept), u,
+                      climb)
+            return result + ((outs[5],) if return_x else ())
 
-        outs = jax.vmap(one_chain)(jax.random.split(k_run, num_chains), u_init)
+        outs = jax.vmap(one_chain)(
+            jax.random.split(k_warm, num_chains), jax.random.split(k_draw, num_chains), u_init
+        )
         stats, divergences, step_size, accept, u, climb = outs[:6]
         u = u.reshape(-1, u.shape[-1])  # (chains * draws, d)
         positions = (jnp.mean(u, axis=0), jnp.std(u, axis=0), jnp.max(jnp.abs(u)),
@@ -826,7 +803,8 @@ def _in_worker(fn: Callable[[], dict]) -> dict:
     return box["value"]
 
 
-def _raise_interrupt(signum, frame):
+def _raise_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: stop like Ctrl-C."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 
