@@ -187,30 +187,40 @@ def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_r
             )
             (state, parameters), _ = warmup.run(k_w, u0, num_steps=num_warmup)
             step = blackjax.nuts(logdensity, **parameters).step
+            quarter = max(1, num_samples // 4)
 
-            def body(state, k):
+            def body(carry, inputs):
+                state, (sum_u, sum_u2, max_u, logp_first, logp_last) = carry
+                i, k = inputs
                 state, info = step(k, state)
                 x = transform(state.position)
-                out = (family.sufficient_statistics(x), info.is_divergent, info.acceptance_rate,
-                       jnp.ravel(state.position), state.logdensity)
-                return state, out + ((x,) if return_x else ())
+                u, logp = jnp.ravel(state.position), state.logdensity
+                sums = (sum_u + u, sum_u2 + u * u, jnp.maximum(max_u, jnp.max(jnp.abs(u))),
+                        logp_first + jnp.where(i < quarter, logp, 0.0),
+                        logp_last + jnp.where(i >= num_samples - quarter, logp, 0.0))
+                out = (family.sufficient_statistics(x), info.is_divergent, info.acceptance_rate)
+                return (state, sums), out + ((x,) if return_x else ())
 
-            _, outs = jax.lax.scan(body, state, jax.random.split(k_d, num_samples))
-            stats, divergent, accept, u, logp = outs[:5]
-            quarter = max(1, num_samples // 4)
-            climb = jnp.mean(logp[-quarter:]) - jnp.mean(logp[:quarter])
-            result = (stats, jnp.sum(divergent), parameters["step_size"], jnp.mean(accept), u,
-                      climb)
-            return result + ((outs[5],) if return_x else ())
+            d = math.prod(u_shape)
+            zero = jnp.zeros((), eta.dtype)
+            sums = (jnp.zeros(d, eta.dtype), jnp.zeros(d, eta.dtype), zero, zero, zero)
+            (_, sums), outs = jax.lax.scan(
+                body, (state, sums), (jnp.arange(num_samples), jax.random.split(k_d, num_samples))
+            )
+            stats, divergent, accept = outs[:3]
+            climb = (sums[4] - sums[3]) / quarter
+            result = (stats, jnp.sum(divergent), parameters["step_size"], jnp.mean(accept),
+                      sums[0] / num_samples, sums[1] / num_samples, sums[2], climb)
+            return result + ((outs[3],) if return_x else ())
 
         outs = jax.vmap(one_chain)(
             jax.random.split(k_warm, num_chains), jax.random.split(k_draw, num_chains), u_init
         )
-        stats, divergences, step_size, accept, u, climb = outs[:6]
-        u = u.reshape(-1, u.shape[-1])  # (chains * draws, d)
-        positions = (jnp.mean(u, axis=0), jnp.std(u, axis=0), jnp.max(jnp.abs(u)),
-                     jnp.max(jnp.nan_to_num(climb, nan=jnp.inf)))
-        return (stats, jnp.sum(divergences), step_size, accept) + positions + tuple(outs[6:])
+        stats, divergences, step_size, accept, u1, u2, u_max, climb = outs[:8]
+        u_mean = jnp.mean(u1, axis=0)  # pooled over chains of equal length
+        u_sd = jnp.sqrt(jnp.maximum(jnp.mean(u2, axis=0) - u_mean**2, 0.0))
+        positions = (u_mean, u_sd, jnp.max(u_max), jnp.max(jnp.nan_to_num(climb, nan=jnp.inf)))
+        return (stats, jnp.sum(divergences), step_size, accept) + positions + tuple(outs[8:])
 
     return one_eta
 
@@ -932,8 +942,9 @@ def generate_dataset(
         size = batch if attempt == 0 else retry_batch
         rows = np.repeat(points, replicas)
         keys = _attempt_keys(all_keys[rows], attempt)
-        keys = jax.vmap(jax.random.fold_in)(keys, jnp.asarray(np.tile(np.arange(replicas),
-                                                                       points.size), jnp.uint32))
+        if replicas > 1:
+            keys = jax.vmap(jax.random.fold_in)(
+                keys, jnp.asarray(np.tile(np.arange(replicas), points.size), jnp.uint32))
         return [_run_flat(family, jax_etas[rows[i:i + size]], keys[i:i + size],
                           num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
                           batch_size=size, target_acceptance_rate=target_acceptance_rate,
