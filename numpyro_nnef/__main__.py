@@ -74,6 +74,7 @@ def _demo_config_path() -> Path:
 _SAMPLER_KEYS: dict[str, type] = {
     "num_chains": int, "num_warmup": int, "num_samples": int, "chunk_size": int,
     "max_retries": int, "min_ess": float, "max_rhat": float, "target_acceptance_rate": float,
+    "engine": str, "fallback": str,
 }
 _TOP_KEYS = {"family", "etas", "sampler", "train", "seed", "output", "checkpoint_dir", "x64"}
 # [train] keys: train_oracle's keyword arguments ("seed" makes its key; "anchor" may be "none").
@@ -140,7 +141,8 @@ def parse_generate_config(raw: dict[str, Any]) -> dict[str, Any]:
     Keys: ``[family] name = ...`` plus constructor keyword arguments (``name`` may also be
     ``"package.module:attribute"`` for a user family or factory); ``[etas] low, high, num,
     scale``; ``[sampler] num_chains, num_warmup, num_samples, chunk_size, max_retries, min_ess,
-    max_rhat, target_acceptance_rate``; top level ``seed``, ``output``, ``checkpoint_dir``,
+    max_rhat, target_acceptance_rate, engine ("nuts" or "smc"), fallback ("smc" or "none")``;
+    top level ``seed``, ``output``, ``checkpoint_dir``,
     ``x64`` (default true: float64 sampling).
     """
     unknown = sorted(set(raw) - _TOP_KEYS)
@@ -181,6 +183,15 @@ def parse_generate_config(raw: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"[sampler] {k} must be positive, got {sampler[k]}")
     if sampler.get("max_retries", 0) < 0:
         raise ConfigError(f"[sampler] max_retries must be >= 0, got {sampler['max_retries']}")
+    if sampler.get("engine", "nuts") not in ("nuts", "smc"):
+        raise ConfigError(f"[sampler] engine must be 'nuts' or 'smc', got {sampler['engine']!r}")
+    if sampler.get("fallback", "smc") not in ("smc", "none"):
+        raise ConfigError(f"[sampler] fallback must be 'smc' or 'none', got "
+                          f"{sampler['fallback']!r}")
+    if "engine" in sampler:
+        sampler["sampler"] = sampler.pop("engine")
+    if "fallback" in sampler:
+        sampler["fallback"] = None if sampler["fallback"] == "none" else "smc"
 
     seed = _typed(raw.get("seed", 0), int, "seed")
     if seed < 0:
@@ -358,6 +369,21 @@ def _enable_x64(flag: bool) -> None:
     jax.config.update("jax_enable_x64", flag)
 
 
+def _persistent_compilation_cache() -> None:
+    """For :func:`entry_point` only (not in-process callers of :func:`main`): XLA programs
+    that took over a second to compile are kept in ``$NNEF_CACHE/xla`` (default
+    ``~/.cache/numpyro_nnef/xla``), so a rerun (a resume after Ctrl-C, the next box of the same
+    family) skips compilation; ``NNEF_CACHE=off`` disables it, and a directory already set via
+    ``JAX_COMPILATION_CACHE_DIR`` is kept."""
+    import jax
+
+    root = os.environ.get("NNEF_CACHE", str(Path.home() / ".cache" / "numpyro_nnef"))
+    if root.lower() == "off" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(Path(root) / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def _run_generate(config_path: Path, *, output: str | None, seed: int | None,
                   checkpoint: str | None, progress: bool) -> Path:
     """Generate and save the dataset described by ``config_path``; returns its path."""
@@ -372,7 +398,7 @@ def _run_generate(config_path: Path, *, output: str | None, seed: int | None,
     import jax
 
     from .family import OutOfDomainError
-    from .sampling import generate_dataset, sample_etas
+    from .sampling import CheckpointMismatchError, generate_dataset, sample_etas
 
     family = resolve_family(config["family"]["name"], config["family"]["kwargs"])
     seed = config["seed"] if seed is None else seed
@@ -391,9 +417,12 @@ def _run_generate(config_path: Path, *, output: str | None, seed: int | None,
         dataset = generate_dataset(family, etas, key=jax.random.fold_in(root, 1),
                                    checkpoint_dir=checkpoint, progress=progress,
                                    **config["sampler"])
+    except CheckpointMismatchError as err:
+        raise ConfigError(str(err)) from None
     except KeyboardInterrupt:
         if checkpoint:
-            print(f"finished chunks are kept in {checkpoint}", file=sys.stderr)
+            print(f"finished chunks are kept in {checkpoint}; run the same command again to "
+                  "resume", file=sys.stderr)
         raise
     provenance = {"config": str(config_path), "seed": int(seed), "etas": e,
                   "eta_key": "fold_in(key(seed), 0)", "sampler_key": "fold_in(key(seed), 1)"}
@@ -823,5 +852,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def entry_point() -> None:
+    """``python -m numpyro_nnef`` and the ``numpyro-nnef`` script: :func:`main` with the
+    persistent compilation cache, exiting with its status."""
+    _persistent_compilation_cache()
+    status = main()
+    if status == 130:  # a sampling thread may still be inside XLA: leave without joining it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

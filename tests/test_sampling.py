@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # one compiled configuration for the Gaussian: 2 chains x (150 + 300), batches of 4 etas
 SETTINGS = dict(num_chains=2, num_warmup=150, num_samples=300)
-GEN = dict(SETTINGS, chunk_size=4, max_retries=0, min_ess=50, max_rhat=1.1, progress=False)
+GEN = dict(SETTINGS, chunk_size=4, max_retries=0, min_ess=50, max_rhat=1.1, progress=False,
+           fallback=None)
 ETAS = np.array([[0.0, -0.5], [1.0, -1.0], [-1.0, -2.0], [0.5, -0.3],
                  [2.0, -1.5], [-0.5, -0.8], [0.2, -2.5], [1.5, -0.6]])
 
@@ -158,16 +159,20 @@ def test_retry_reruns_the_same_eta(gauss, monkeypatch):
         return real(family, etas, keys, **kw)
 
     monkeypatch.setattr(sampling, "_run_flat", spy)
-    # ess >= 1e9 is impossible: every point fails, is retried once with doubled draws, and stays
-    # flagged; the rerun uses the same etas
+    compiled = len(sampling._SAMPLER_CACHE)
+    # ess >= 1e9 is impossible: every point fails, is retried once with twice the chains (two
+    # replicas of each point, new keys), and stays flagged; the rerun uses the same etas through
+    # the first attempt's compiled program (same batch shape and settings: no new compilation)
     settings = dict(GEN, max_retries=1, min_ess=1e9)
     result = generate_dataset(gauss, ETAS[:4], key=jax.random.key(7), **settings)
-    assert len(calls) == 2
+    assert len(calls) == 3
     np.testing.assert_array_equal(calls[0][0], ETAS[:4])
-    np.testing.assert_array_equal(calls[1][0], ETAS[:4])
-    assert calls[1][1:] == (600, 300)
+    np.testing.assert_array_equal(np.concatenate([c[0] for c in calls[1:]]),
+                                  np.repeat(ETAS[:4], 2, axis=0))
+    assert all(c[0].shape == (4, 2) and c[1:] == (300, 150) for c in calls)
+    assert len(sampling._SAMPLER_CACHE) <= compiled + 1
     np.testing.assert_array_equal(result.eta, ETAS[:4])
-    assert np.all(result.retries == 1) and np.all(result.num_samples == 600)
+    assert np.all(result.retries == 1) and np.all(result.num_samples == 300)
     assert not result.passed.any()
     # the retried draws are new ones (fold_in per attempt), still accurate
     z = np.abs(result.mean - gaussian_moments(ETAS[:4])) / result.mcse

@@ -3,7 +3,7 @@
 A neural oracle learns A(eta) only up to an additive constant; independent values A(eta_k) pin
 it. For a scalar x the value comes from :class:`QuadratureOracle` (exact to quadrature
 precision). Otherwise it comes from importance sampling in unconstrained space u (x = f(u),
-f = ``biject_to(family.support)``):
+f = ``sampling.support_transform(family)``):
 
     A(eta) = log E_q[w(u)],  w(u) = exp(eta . T(f(u)) + log h(f(u)) + log|det J_f(u)|) / q(u),
 
@@ -23,11 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-from numpyro.distributions.transforms import biject_to
 from scipy.special import logsumexp
 
 from ..family import Array, ExponentialFamily
-from ..sampling import sample_family, unconstrained_log_density
+from ..sampling import sample_family, support_transform, unconstrained_log_density
 from .quadrature import QuadratureOracle
 
 __all__ = ["LogPartitionEstimate", "estimate_log_partition", "estimate_log_partitions",
@@ -239,7 +238,7 @@ def _importance(family, eta, eta_tuple, key, num_samples, num_chains, num_warmup
     k_nuts, k_q = jax.random.split(key)
     x = sample_family(family, eta, key=k_nuts, sample_shape=(num_nuts_draws,),
                       num_chains=num_chains, num_warmup=num_warmup)
-    transform = biject_to(family.support)
+    transform = support_transform(family)
     u_shape = tuple(transform.inverse_shape(family.event_shape))
     u = transform.inv(x).reshape(num_nuts_draws, -1)
     u = u[jnp.all(jnp.isfinite(u), axis=1)]  # drop draws rounded onto the support's edge
