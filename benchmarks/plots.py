@@ -94,6 +94,13 @@ def plot_datagen(table: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
+def _grouped_positions(num_groups: int, num_series: int) -> tuple[np.ndarray, list, float]:
+    """Bar positions of a grouped chart: (group centres, each series' positions, width)."""
+    x = np.arange(num_groups)
+    width = 0.8 / num_series
+    return x, [x + (i - (num_series - 1) / 2) * width for i in range(num_series)], width
+
+
 def plot_oracles(rows: dict, path: Path) -> None:
     """Best ratio (network error / NUTS data error, both against exact) per family and
     protocol. ``rows`` are oracles.json's results."""
@@ -105,12 +112,10 @@ def plot_oracles(rows: dict, path: Path) -> None:
         best[key] = min(best.get(key, np.inf), r["ratio"])
     families = list(dict.fromkeys(f for f, _ in best))
     protocols = list(dict.fromkeys(p for _, p in best))
-    x = np.arange(len(families))
-    width = 0.8 / len(protocols)
+    x, positions, width = _grouped_positions(len(families), len(protocols))
     fig, ax = plt.subplots(figsize=(10, 4))
-    for i, protocol in enumerate(protocols):
-        ax.bar(x + (i - (len(protocols) - 1) / 2) * width,
-               [best.get((f, protocol), np.nan) for f in families], width, label=protocol)
+    for pos, protocol in zip(positions, protocols, strict=True):
+        ax.bar(pos, [best.get((f, protocol), np.nan) for f in families], width, label=protocol)
     ax.axhline(0.5, color="grey", ls="--", lw=1, label="goal 0.5")
     ax.set_yscale("log")
     ax.set_xticks(x, families, fontsize=8, rotation=15)
@@ -127,13 +132,11 @@ def plot_flows(rows: dict, path: Path) -> None:
     rows = {k: r for k, r in rows.items() if r.get("kind") == "flow" and "error" not in r}
     families = list(dict.fromkeys(f for f, _ in rows))
     archs = list(dict.fromkeys(a for _, a in rows))
-    x = np.arange(len(families))
-    width = 0.8 / len(archs)
+    x, positions, _ = _grouped_positions(len(families), len(archs))
     fig, ax = plt.subplots(figsize=(9, 4))
-    for i, arch in enumerate(archs):
+    for i, (pos, arch) in enumerate(zip(positions, archs, strict=True)):
         khat = [rows[f, arch]["equal_time"]["khat"] if (f, arch) in rows else None
                 for f in families]
-        pos = x + (i - (len(archs) - 1) / 2) * width
         low = [k["median"] if k else np.nan for k in khat]
         high = [k["max"] if k else np.nan for k in khat]
         ax.vlines(pos, low, high, lw=3, color=f"C{i}", label=arch)

@@ -25,7 +25,7 @@ from ..oracles import QuadratureOracle
 from .augment import augmented
 from .cache import BoundedCache
 from .conditional import CompleteConditional, complete_conditionals
-from .conjugacy import ConjugateModel, analyse_model
+from .conjugacy import ConjugateModel, analyse_model, support_draws
 from .kernel import MIN_STEP, CAVIKernel, CAVIState, cavi_kernel
 
 Array = jax.Array
@@ -375,7 +375,6 @@ class CAVI:
 
     def _random_starts(self, rng_key: Array, num: int) -> list[CAVIState]:
         """``num`` states at further random points of the sites' supports."""
-        from .conjugacy import support_draws
         cm = self.guide._require()
         rng = np.random.default_rng(np.asarray(jax.random.key_data(rng_key)).ravel().tolist())
         return [self._start({name: support_draws(site.prior, 1, rng)[0]
