@@ -1,8 +1,9 @@
 """Built-in exponential families, each with a closed-form log-partition and an exact sampler.
 
 Families with a standard NumPyro equivalent also have ``to_numpyro(eta)`` (all but
-RectifiedGaussian, LaplaceProduct, GaussLaplace and GIG). Categorical, Bernoulli and Poisson are
-discrete: ``ExactOracle`` and ``sample_exact`` only (quadrature and NUTS need a continuous x).
+RectifiedGaussian, LaplaceProduct, GaussLaplace, GIG and SqrtGIG). Categorical, Bernoulli and
+Poisson are discrete: ``ExactOracle`` and ``sample_exact`` only (quadrature and NUTS need a
+continuous x).
 
 ``REGISTRY`` maps class names to classes; ``get_family(name, **kwargs)`` builds one by name and
 ``resolve_family(reference)`` also accepts a ``"package.module:attribute"`` reference (a user
@@ -19,7 +20,7 @@ from .circular import VonMises
 from .discrete import Bernoulli, Categorical, Poisson
 from .gamma_beta import Beta, Gamma
 from .gaussian import Gaussian, MultivariateNormal
-from .gig import GIG
+from .gig import GIG, SqrtGIG
 from .laplace import LaplaceProduct
 from .positive import Exponential, InverseGamma
 from .rectified import GaussLaplace, RectifiedGaussian
@@ -43,6 +44,7 @@ REGISTRY: dict[str, type[ExponentialFamily]] = {
         Bernoulli,
         Poisson,
         GIG,
+        SqrtGIG,
     )
 }
 
@@ -134,6 +136,7 @@ __all__ = [
     "MultivariateNormal",
     "Poisson",
     "RectifiedGaussian",
+    "SqrtGIG",
     "VonMises",
     "family_from_description",
     "get_family",

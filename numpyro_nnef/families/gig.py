@@ -1,4 +1,5 @@
-"""The generalised inverse Gaussian: p(x) ∝ x^(p-1) exp(-(a x + b / x) / 2) on x > 0."""
+"""The generalised inverse Gaussian, p(x) ∝ x^(p-1) exp(-(a x + b / x) / 2) on x > 0, and its
+square root (the complete conditional of a scale with a HalfNormal prior in a Normal)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ from ._special import (
 )
 
 _NEWTON_STEPS = 6
+
+
+def _first_two_negative(eta: Array) -> Array:
+    """a > 0 and b > 0: eta_1 < 0 and eta_2 < 0."""
+    return (eta[..., 0] < 0) & (eta[..., 1] < 0)
 _MOMENT_NODES = 384
 _MOMENT_DROP = 50.0
 
@@ -38,7 +44,7 @@ class GIG(ExponentialFamily):
     event_shape = ()
     support = constraints.positive
     natural_constraint = NaturalDomain(
-        lambda eta: (eta[..., 0] < 0) & (eta[..., 1] < 0),
+        _first_two_negative,
         "eta[x] < 0 and eta[inv_x] < 0, i.e. a > 0 and b > 0 for any p (the boundary b = 0 "
         "(Gamma) and a = 0 (InverseGamma) is excluded)",
         np.array([-1.0, -1.0, 0.0]),
@@ -112,6 +118,67 @@ class GIG(ExponentialFamily):
         u_lo, u_hi = _drop_one_points(plus, minus)
         u = _log_scale_draws(key, *(jnp.broadcast_to(c, shape) for c in (plus, minus, u_lo, u_hi)))
         return jnp.exp(mode + 0.5 * (jnp.log(b) - jnp.log(a)) + u).astype(dtype)
+
+
+class SqrtGIG(ExponentialFamily):
+    """x = sqrt(y), y ~ GIG(p, a, b): p(x) ∝ x^(2p-1) exp(-(a x^2 + b / x^2) / 2) on x > 0.
+
+    T = (x^2, 1/x^2, log x), eta = (-a/2, -b/2, 2p - 1), A(eta) = A_GIG(eta_1, eta_2,
+    (eta_3 - 1)/2) - log 2. The complete conditional of a scale sigma with a HalfNormal prior
+    whose likelihood is Normal in sigma (a group-level sd: sigma^-n exp(-S / (2 sigma^2)) times
+    exp(-sigma^2 / (2 s^2))); NumPyro has no such distribution, so q is an ``EFDistribution``.
+    """
+
+    name = "SqrtGIG"
+    identity_attributes = ()
+    event_shape = ()
+    support = constraints.positive
+    natural_constraint = NaturalDomain(
+        _first_two_negative,
+        "eta[x2] < 0 and eta[inv_x2] < 0, i.e. a > 0 and b > 0 for any p (as for GIG)",
+        GIG.natural_constraint.feasible)
+    has_closed_form = True
+    has_exact_sampler = True
+
+    def statistics(self, x: Array) -> dict[str, Array]:
+        """T(x) = {x^2, 1/x^2, log x}."""
+        x = jnp.asarray(x)
+        return {"x2": x * x, "inv_x2": 1.0 / (x * x), "log_x": jnp.log(x)}
+
+    def closed_form_log_partition(self, eta: Array) -> Array:
+        """A(eta) = A_GIG(eta of x^2) - log 2 (dx = dy / (2 sqrt y))."""
+        return _GIG.closed_form_log_partition(_gig_eta(eta)) - math.log(2.0)
+
+    def closed_form_mean(self, eta: Array) -> Array:
+        """E[T] = (E y, E 1/y, E log y / 2) for y = x^2 ~ GIG."""
+        return _GIG.closed_form_mean(_gig_eta(eta)) * _LOG_HALF
+
+    def closed_form_mean_and_log_partition(self, eta: Array) -> tuple[Array, Array]:
+        """(E[T], A(eta)) through GIG's."""
+        return self.closed_form_mean(eta), self.closed_form_log_partition(eta)
+
+    def closed_form_covariance(self, eta: Array) -> Array:
+        """Cov[T] = J Cov_GIG J, J = diag(1, 1, 1/2)."""
+        return _GIG.closed_form_covariance(_gig_eta(eta)) * np.outer(_LOG_HALF, _LOG_HALF)
+
+    def natural_init_from_mean(self, mu: Array) -> Array:
+        """GIG's start for the mean of y = x^2, mapped back to x."""
+        eta = _GIG.natural_init_from_mean(mu / _LOG_HALF)
+        return jnp.stack([eta[0], eta[1], 2.0 * eta[2] + 1.0])
+
+    def sample_exact(self, key: Array, eta: Array, sample_shape: tuple[int, ...] = ()) -> Array:
+        """x = sqrt(y), y from GIG's exact sampler; shape ``sample_shape + batch``."""
+        return jnp.sqrt(_GIG.sample_exact(key, _gig_eta(jnp.asarray(eta)), sample_shape))
+
+
+_GIG = GIG()
+_LOG_HALF = np.array([1.0, 1.0, 0.5])  # E[T] of SqrtGIG from E[T] of GIG
+
+
+def _gig_eta(eta: Array) -> Array:
+    """GIG's eta of y = x^2 from SqrtGIG's eta of x: (eta_1, eta_2, (eta_3 - 1) / 2)."""
+    eta = jnp.asarray(eta)
+    return jnp.concatenate([eta[..., :2], (eta[..., 2:] - 1.0) / 2.0], axis=-1)
 
 
 def _order_argument_ratio(eta: Array) -> tuple[Array, Array, Array]:

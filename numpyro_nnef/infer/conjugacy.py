@@ -59,7 +59,7 @@ FIT_TOLERANCE = 1e-7
 # built-in families with exact oracles that CAVI may assign to a site, tried smallest first
 NAMED_FAMILIES = ("Gaussian", "GaussLaplace", "Gamma", "Exponential", "InverseGamma",
                   "RectifiedGaussian", "Beta", "VonMises", "Bernoulli", "Categorical",
-                  "Dirichlet", "Poisson", "MultivariateNormal", "GIG")
+                  "Dirichlet", "Poisson", "MultivariateNormal", "GIG", "SqrtGIG")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -797,7 +797,9 @@ def resolve_family(model: ConjugateModel, site: LatentSite, draws: np.ndarray, o
         if np.ptp(log_h) > 0:  # E_q[log h] is not in the ELBO: only constant base measures
             continue
         fit = fit_statistics(stats, fam, fit_elements(site, elements, fam.stat_dim))
-        if fit is not None:
+        if fit is not None and np.all(np.any(fit[0] != 0, axis=0)):
+            # (a statistic of the family that no statistic of the site uses would have
+            # eta_j = 0 in every conditional: GIG for Gamma's [x, log x] is improper there)
             if key is not None:
                 _RESOLVED.put(key, (fam, *fit))
             return SiteFamily(fam, ExactOracle(fam), *fit)

@@ -72,9 +72,11 @@ from .algebra import (
 from .cache import BoundedCache
 from .nonconjugate import Nonlinear
 from .numpy_eval import (
+    CALLS,
     NUMPY_ELEMENTWISE_ALL,
     TRANSPARENT,
     bind_constant,
+    evaluate,
     inner_jaxpr,
     live_equations,
     numpy_bind,
@@ -164,9 +166,6 @@ def rule(*names: str) -> Callable[[Rule], Rule]:
     return register
 
 
-# call primitives: their inner jaxpr is evaluated
-CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
-         "custom_vjp_call_jaxpr", "remat", "checkpoint"}
 # primitives applied to the cases of a Switch one by one: f(sum_k 1_k a_k) = sum_k 1_k f(a_k)
 CASEWISE = {"add", "sub", "mul", "div", "neg", "integer_pow", "square", "sqrt", "rsqrt", "pow",
             "log", "log1p", "abs", "exp", "convert_element_type", "stop_gradient", "lgamma",
@@ -920,7 +919,7 @@ def evaluate_in_numpy(fn: Callable[..., Any], *args: np.ndarray) -> list[np.ndar
     small jnp functions on draws: evaluated op by op, each would be an XLA compilation)."""
     with trusted_domain():
         closed = jax.make_jaxpr(fn)(*args)
-    return Interpreter({}).run(closed, [np.asarray(a) for a in args])
+    return evaluate(closed, args)
 
 
 MAX_CACHED_JAXPRS = 64

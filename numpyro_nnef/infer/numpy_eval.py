@@ -16,6 +16,9 @@ import numpy as np
 import scipy.special
 from jax.extend import core as jcore
 
+# call primitives: their inner jaxpr is evaluated
+CALLS = {"jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+         "custom_vjp_call_jaxpr", "remat", "checkpoint"}
 # primitives that return their operand as it is (shared by the interpreter and nonconjugate.py)
 TRANSPARENT = {"convert_element_type", "stop_gradient", "optimization_barrier", "copy",
                "copy_p", "reduce_precision"}
@@ -27,7 +30,7 @@ NUMPY_ELEMENTWISE: dict[str, Callable[..., np.ndarray]] = {
     "eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
     "gt": np.greater, "ge": np.greater_equal, "and": np.logical_and, "or": np.logical_or,
     "not": np.logical_not, "xor": np.logical_xor, "is_finite": np.isfinite,
-    "add": np.add, "sub": np.subtract, "mul": np.multiply, "neg": np.negative,
+    "add": np.add, "add_any": np.add, "sub": np.subtract, "mul": np.multiply, "neg": np.negative,
     "log": np.log, "exp": np.exp, "log1p": np.log1p, "sqrt": np.sqrt, "abs": np.abs,
     "max": np.maximum, "min": np.minimum, "sign": np.sign, "floor": np.floor, "ceil": np.ceil,
     "expm1": np.expm1, "tanh": np.tanh, "square": np.square, "exp2": np.exp2,
@@ -151,6 +154,8 @@ NUMPY_RULES: dict[str, NumpyRule] = {
     "reduce_max": _reduction(np.max),
     "reduce_min": _reduction(np.min),
     "reduce_prod": _reduction(np.prod),
+    "reduce_and": _reduction(np.all),
+    "reduce_or": _reduction(np.any),
     "select_n": _select_n,
     "transpose": lambda params, ins, shape, dtype: np.transpose(ins[0], params["permutation"]),
     "iota": _iota,
@@ -158,6 +163,7 @@ NUMPY_RULES: dict[str, NumpyRule] = {
     "rev": lambda params, ins, shape, dtype: np.flip(ins[0], axis=tuple(params["dimensions"])),
     "concatenate": lambda params, ins, shape, dtype: np.concatenate(ins,
                                                                    axis=params["dimension"]),
+    "stack": lambda params, ins, shape, dtype: np.stack(ins, axis=params["axis"]),
     "pad": _pad,
     "cumsum": _cumsum,
     "dot_general": lambda params, ins, shape, dtype: numpy_dot_general(
@@ -214,3 +220,24 @@ def inner_jaxpr(params: Mapping[str, Any]) -> jcore.ClosedJaxpr:
     """The jaxpr a call primitive (jit, custom_jvp_call, ...) evaluates."""
     inner = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
     return inner if isinstance(inner, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(inner, ())
+
+
+def evaluate(closed: jcore.ClosedJaxpr, args: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """The outputs of a jaxpr of constant inputs, its live equations in numpy where possible
+    (call primitives through their inner jaxprs): no XLA compilation of the whole program."""
+    env: dict[Any, np.ndarray] = {}
+
+    def read(v):
+        return np.asarray(v.val) if isinstance(v, jcore.Literal) else env[v]
+
+    jaxpr = closed.jaxpr
+    env.update(zip(jaxpr.constvars, (np.asarray(c) for c in closed.consts), strict=True))
+    env.update(zip(jaxpr.invars, (np.asarray(a) for a in args), strict=True))
+    for eqn in live_equations(jaxpr):
+        ins = [read(v) for v in eqn.invars]
+        if eqn.primitive.name in CALLS:
+            outs = evaluate(inner_jaxpr(eqn.params), ins)
+        else:
+            outs = bind_constant(eqn, ins)
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(v) for v in jaxpr.outvars]
