@@ -108,8 +108,14 @@ class CAVIResult:
     guide: CAVIGuide | None = dataclasses.field(default=None, repr=False)
     args: tuple = dataclasses.field(default=(), repr=False)
     kwargs: dict = dataclasses.field(default_factory=dict, repr=False)
-    # with CAVIGuide(augment=True): q's own ELBO (``elbo`` traces the augmented model's bound)
-    exact_elbo: float | None = None
+    # with CAVIGuide(augment=True): computes q's own ELBO (see ``exact_elbo``)
+    exact_elbo_fn: Callable[[], Array] | None = dataclasses.field(default=None, repr=False)
+
+    @functools.cached_property
+    def exact_elbo(self) -> float | None:
+        """With ``CAVIGuide(augment=True)``: q's own ELBO (``elbo`` traces the augmented
+        model's bound, which is lower), compiled and computed on first use; else None."""
+        return None if self.exact_elbo_fn is None else float(self.exact_elbo_fn())
 
     def check_elbo(self, rng_key: Array, num_samples: int = 2000) -> ELBOCheck:
         """The final engine ELBO (q's own, ``exact_elbo``, when augmented) against
@@ -479,8 +485,8 @@ class CAVI:
                 f"{float(np.diff(elbo)[-1]) if len(elbo) >= 2 else float('nan'):.3g}); "
                 f"continue with run(..., init_state=result.state), or try num_starts > 1 if it "
                 f"creeps away from a saddle", RuntimeWarning, stacklevel=2)
-        exact = (float(program.exact_elbo(data, state)) if self.guide.augment and done
-                 else None)
+        exact = (functools.partial(program.exact_elbo, data, state)
+                 if self.guide.augment and done else None)
         return CAVIResult(self.get_params(state), elbo, converged, done, wall, state,
                           self.model, self.guide, tuple(args), dict(kwargs), exact)
 
