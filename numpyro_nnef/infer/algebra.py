@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .numpy_eval import numpy_bind, numpy_dot_general
+from .numpy_eval import evaluate, numpy_bind, numpy_dot_general
 
 Array = jax.Array
 
@@ -41,6 +41,14 @@ class Atom:
     # outer product of a vector element)
     elementwise: bool = dataclasses.field(default=True, compare=False, hash=False)
 
+    def on_numpy(self, x: np.ndarray) -> np.ndarray:
+        """fn(x) for numpy x: directly for the atoms written for numpy (x, |x|, log x), else
+        through fn's jaxpr in numpy (each eager jnp call would compile)."""
+        if self in _NUMPY_ATOMS:
+            return self.fn(x)
+        (out,) = evaluate(jax.make_jaxpr(self.fn)(x), [x])
+        return out
+
 
 X_ATOM = Atom("x", lambda x: x)
 
@@ -52,6 +60,7 @@ def _either(numpy_fn: Callable, jax_fn: Callable) -> Callable[[Array], Array]:
 
 ABS_ATOM = Atom("abs(x)", _either(np.abs, jnp.abs))
 LOG_ATOM = Atom("log(x)", _either(np.log, jnp.log))
+_NUMPY_ATOMS = (X_ATOM, ABS_ATOM, LOG_ATOM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +118,7 @@ class Stat:
         if isinstance(x, np.ndarray):  # analysis: plain numpy
             out = np.ones(() if self.atoms else x.shape)
             for atom, p in self.atoms:
-                out = out * np.asarray(atom.fn(x), dtype=np.float64) ** float(p)
+                out = out * np.asarray(atom.on_numpy(x), dtype=np.float64) ** float(p)
             return out
         dtype = jnp.result_type(x, float)
         out = jnp.ones(() if self.atoms else jnp.shape(x), dtype=dtype)

@@ -881,7 +881,7 @@ def probe_points(support: constraints.Constraint, draws: np.ndarray) -> np.ndarr
     if isinstance(support, constraints._Circular):
         grid = np.linspace(-np.pi, np.pi, PROBE_GRID, endpoint=False)
     else:
-        grid = np.asarray(biject_to(support)(np.linspace(-8.0, 8.0, PROBE_GRID)))
+        (grid,) = evaluate_in_numpy(biject_to(support), np.linspace(-8.0, 8.0, PROBE_GRID))
     return np.concatenate([grid, np.asarray(draws, np.float64).reshape(-1)])
 
 
@@ -949,7 +949,8 @@ def _statistics_family(stats: list[Stat], columns: list[int], support: constrain
 
     def flat(x: Array) -> Array:
         parts = [jnp.reshape(st(x), (*jnp.shape(x), -1)) for st in stats]
-        return jnp.concatenate(parts, axis=-1)[..., jnp.asarray(columns)]
+        flat = jnp.concatenate(parts, axis=-1)
+        return jnp.stack([flat[..., j] for j in columns], axis=-1)  # slices: numpy-evaluable
 
     def statistics(x: Array) -> dict[str, Array]:
         x = jnp.asarray(x)
@@ -968,5 +969,5 @@ def _feasible(oracle: QuadratureOracle) -> np.ndarray:
     -e_k for each statistic, and -1 (all statistics); zeros when none is."""
     d = oracle.family.stat_dim
     candidates = np.concatenate([np.zeros((1, d)), -np.eye(d), -np.ones((1, d))])
-    ok = np.asarray(oracle.integrable(jnp.asarray(candidates)))
+    (ok,) = evaluate_in_numpy(jax.vmap(oracle.integrable_single), candidates)
     return candidates[int(np.argmax(ok))] if ok.any() else np.zeros(d)
