@@ -412,6 +412,12 @@ class SMCDraws(NamedTuple):
     finished: Array
 
 
+def _check_num_runs(num_runs: int) -> None:
+    if num_runs < 4:
+        raise ValueError(f"SMCSettings.num_runs must be >= 4 (the across-run MCSE is Student-t "
+                         f"with num_runs - 1 degrees of freedom), got {num_runs}")
+
+
 def _smc_one_eta_fn(family, num_runs, num_particles, num_mcmc_steps, num_integration_steps,
                     target_ess, max_steps):
     """(key, eta, ref_mean, ref_sd) -> per-eta outputs of ``num_runs`` tempered SMC runs.
@@ -479,6 +485,7 @@ def run_smc(family: ExponentialFamily, etas: Array, *, key: Array,
     coordinate; shapes (n, d)). Point i uses ``fold_in(fold_in(key, 0), i)``."""
     etas = family.validate_natural(_float_etas(family, etas))
     settings = settings or SMCSettings()
+    _check_num_runs(settings.num_runs)
     n = etas.shape[0]
     dim = math.prod(_unconstrained_shape(family))
     ref_mean = jnp.zeros((n, dim), etas.dtype) if ref_mean is None else jnp.asarray(ref_mean)
@@ -502,7 +509,10 @@ def smc_diagnostics(draws: SMCDraws) -> dict[str, np.ndarray]:
     """Diagnostics of :func:`run_smc` output, in the form of :func:`compute_diagnostics`.
 
     mean = average of the R run means; mcse = sd of the run means / sqrt(R) (independent runs:
-    an honest error whatever the particles' correlation); ess_bulk = ess_tail = Var[T] / mcse^2;
+    an honest error whatever the particles' correlation) times sqrt((R - 1) / (R - 3)): with the
+    sd estimated from R runs, error / (sd / sqrt(R)) is Student-t with R - 1 degrees of freedom,
+    whose variance is (R - 1) / (R - 3) (1.29 for R = 10), so that error / mcse has unit variance
+    as for a NUTS point; ess_bulk = ess_tail = Var[T] / mcse^2;
     cov from all final particles; rhat = rank-normalised split R-hat with the runs as chains
     (runs that disagree, e.g. on the weights of modes, fail it); divergences 0 (HMC moves are
     Metropolis-corrected: a divergent proposal is a rejection, and the run-to-run spread carries
@@ -511,8 +521,9 @@ def smc_diagnostics(draws: SMCDraws) -> dict[str, np.ndarray]:
     run_mean = np.asarray(draws.run_mean, np.float64)
     out = compute_diagnostics(draws.statistics)
     runs = run_mean.shape[1]
+    _check_num_runs(runs)
     mean = run_mean.mean(axis=1)
-    mcse = run_mean.std(axis=1, ddof=1) / math.sqrt(runs)
+    mcse = run_mean.std(axis=1, ddof=1) / math.sqrt(runs) * math.sqrt((runs - 1) / (runs - 3))
     with np.errstate(divide="ignore", invalid="ignore"):
         ess = np.diagonal(out["cov"], axis1=-2, axis2=-1) / mcse**2
     out.update(mean=mean, mcse=mcse, ess_bulk=ess, ess_tail=ess.copy())
@@ -873,6 +884,7 @@ def generate_dataset(
     if fallback not in ("smc", None):
         raise ValueError(f"fallback must be 'smc' or None, got {fallback!r}")
     smc = smc or SMCSettings()
+    _check_num_runs(smc.num_runs)
     etas_np = np.asarray(etas, dtype=np.float64)
     if etas_np.ndim != 2 or etas_np.shape[1] != family.stat_dim or etas_np.shape[0] == 0:
         raise ValueError(

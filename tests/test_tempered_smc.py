@@ -1,14 +1,23 @@
 """Bimodal members: adaptive tempered SMC, selected directly and as the fallback for points that
-fail the NUTS diagnostics, checked against quadrature within 4 reported (across-run) MCSE."""
+fail the NUTS diagnostics, checked against quadrature within 4 reported (across-run) MCSE; and
+the across-run MCSE is honest (z-scores against exact answers of unit spread)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from numpyro.distributions import constraints
 
+import numpyro_nnef as nnef
 from numpyro_nnef.family import ExponentialFamily, NaturalDomain
 from numpyro_nnef.oracles.quadrature import QuadratureOracle
-from numpyro_nnef.sampling import SMCSettings, generate_dataset
+from numpyro_nnef.sampling import (
+    SMCDraws,
+    SMCSettings,
+    generate_dataset,
+    run_smc,
+    smc_diagnostics,
+)
 
 NUTS = dict(num_chains=2, num_warmup=150, num_samples=400, chunk_size=4, min_ess=100,
             max_rhat=1.05, progress=False)
@@ -53,3 +62,28 @@ def test_failed_nuts_points_fall_back_to_smc():
     assert data.passed.all(), data.metadata["failures"]
     z, limit = within_mcse(data, family)
     assert np.all(z < limit), z
+
+
+def test_smc_mcse_is_honest_against_exact_answers():
+    """z = (SMC mean - exact mean) / MCSE over 24 Gamma etas x 2 statistics: unit spread. An MCSE
+    that ignored the runs' spread or divided by R instead of sqrt(R) gives rms(z) of 3 or more
+    (with 48 z, the rms of honest z lies in [0.75, 1.3] with probability about 0.99)."""
+    family = nnef.families.Gamma()
+    etas = nnef.sample_etas(family, key=jax.random.key(5), low=[0.0, -5.0], high=[9.0, -0.5],
+                            num=24, scale=["uniform", "log-uniform"])
+    d = smc_diagnostics(run_smc(family, etas, key=jax.random.key(6), settings=SMC))
+    z = (d["mean"] - np.asarray(nnef.ExactOracle(family).mean(etas))) / d["mcse"]
+    rms = float(np.sqrt(np.mean(z**2)))
+    assert 0.6 < rms < 1.5 and np.abs(z).max() < 5.0, (rms, z)
+
+
+def test_smc_mcse_has_the_student_t_correction():
+    """R = 10 runs: MCSE = sd(run means) / sqrt(R) * sqrt(9 / 7) (the t_9 variance)."""
+    run_mean = np.arange(10.0).reshape(1, 10, 1)
+    stats = np.broadcast_to(run_mean[:, :, None], (1, 10, 4, 1)) + np.arange(4.0)[:, None]
+    d = smc_diagnostics(SMCDraws(run_mean, stats, np.zeros((1, 10)), np.ones((1, 10)),
+                                 np.ones((1, 10), bool)))
+    expected = np.std(np.arange(10.0), ddof=1) / np.sqrt(10) * np.sqrt(9 / 7)
+    np.testing.assert_allclose(d["mcse"], [[expected]])
+    with pytest.raises(ValueError, match="num_runs must be >= 4"):
+        run_smc(wells(), BIMODAL, key=jax.random.key(0), settings=SMCSettings(num_runs=3))
