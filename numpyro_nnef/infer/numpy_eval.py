@@ -122,6 +122,22 @@ def _cumsum(params, ins, shape, dtype):
     return np.flip(out, params["axis"]) if params["reverse"] else out
 
 
+def _batched_take(params, ins, shape, dtype):
+    """The gather of ``x[b, i_b : i_b + s]`` per row b (a vmapped dynamic slice of a matrix),
+    start clipped into range; other gathers are left to JAX."""
+    x, idx = ins
+    dn = params["dimension_numbers"]
+    size = params["slice_sizes"]
+    if not (x.ndim == 2 and idx.shape == (x.shape[0], 1) and size[0] == 1
+            and tuple(dn.operand_batching_dims) == (0,)
+            and tuple(dn.start_indices_batching_dims) == (0,)
+            and tuple(dn.start_index_map) == (1,) and tuple(dn.offset_dims) == (1,)
+            and not tuple(dn.collapsed_slice_dims)):
+        return None
+    start = np.clip(idx[:, 0].astype(np.int64), 0, x.shape[1] - size[1])
+    return x[np.arange(x.shape[0])[:, None], start[:, None] + np.arange(size[1])]
+
+
 def numpy_dot_general(a: np.ndarray, b: np.ndarray, dimension_numbers) -> np.ndarray:
     """lax.dot_general in numpy: batch axes, then a's free axes, then b's free axes."""
     (ca, cb), (ba, bb) = dimension_numbers
@@ -166,6 +182,7 @@ NUMPY_RULES: dict[str, NumpyRule] = {
     "stack": lambda params, ins, shape, dtype: np.stack(ins, axis=params["axis"]),
     "pad": _pad,
     "cumsum": _cumsum,
+    "gather": _batched_take,
     "dot_general": lambda params, ins, shape, dtype: numpy_dot_general(
         *ins, params["dimension_numbers"]),
 }

@@ -64,7 +64,10 @@ def map_over_batch(fn, x: Array, event_ndim: int = 1) -> Array:
     x = jnp.asarray(x)
     batch = x.shape[: x.ndim - event_ndim]
     flat = x.reshape((-1,) + x.shape[x.ndim - event_ndim:])
-    out = jax.vmap(fn)(flat)
+    if flat.shape[0] == 1:  # one event (a scalar site in CAVI): no batching pass to trace
+        out = jax.tree.map(lambda o: o[None], fn(flat[0]))
+    else:
+        out = jax.vmap(fn)(flat)
     return jax.tree.map(lambda o: o.reshape(batch + o.shape[1:]), out)
 
 
