@@ -246,6 +246,12 @@ def test_kinks_are_told_apart_from_smooth_functions():
     assert kinds(jax.scipy.special.log_ndtr) == (True, False)
     assert kinds(lambda t: 2.0 - 3.0 * jax.nn.softplus(-t), (4,)) == (True, True)
     assert not kinds(jnp.abs)[0] and not kinds(lambda t: jnp.maximum(t, 0.0))[0]
+    # many elements, each probed at one mean: kinks at different places (a Laplace likelihood),
+    # and Bernoulli-logit log likelihoods with their own y
+    y = np.random.default_rng(0).uniform(-2.0, 2.0, 50)
+    assert not kinds(lambda t: -jnp.abs(y - t), (50,))[0]
+    assert kinds(lambda t: np.round(y + 2) / 4 * t - jax.nn.softplus(t), (50,)) == (True, True)
+    assert kinds(lambda t: -0.5 * (y - t) ** 2, (50,)) == (True, False)
     m, v = jnp.asarray([0.3, -1.0]), jnp.asarray([0.5, 2.0])
     dm, dv = jax.grad(lambda m, v: jnp.sum(gaussian_expectation(jnp.abs, m, v, False)),
                       argnums=(0, 1))(m, v)
