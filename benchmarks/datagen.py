@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro.distributions import constraints
 
-from numpyro_nnef import families
+from numpyro_nnef import families, sampling
 from numpyro_nnef.family import ExponentialFamily, NaturalDomain
 from numpyro_nnef.oracles.exact import ExactOracle
 from numpyro_nnef.oracles.quadrature import QuadratureOracle
@@ -140,8 +140,13 @@ def errors(means: np.ndarray, exact_mean: np.ndarray, exact_sd: np.ndarray) -> t
 # again with its draws scaled to the baseline's wall time
 METHODS = {
     "nuts": ("adaptive NUTS (default)", {}),
+    # the same NUTS programs compiled by plain jax.jit (XLA's default CPU options)
+    "nuts_jit": ("NUTS, plain jax.jit", {"quick_compile": False}),
     "nuts_warm": ("NUTS, warm_start=True", {"warm_start": True}),
     "chees": ("ChEES-HMC", {"sampler": "chees"}),
+    # ChEES tunes its trajectory length across the chains of an eta: more chains, as many draws
+    "chees16": ("ChEES-HMC, 16 chains", {"sampler": "chees", "num_chains": 16,
+                                         "num_samples": 250}),
 }
 
 
@@ -164,6 +169,8 @@ def run_case(name: str, num_etas: int, key: jax.Array, methods=tuple(METHODS)) -
 
     for label in methods:
         title, kwargs = METHODS[label]
+        kwargs = dict(kwargs)
+        sampling.QUICK_COMPILE = kwargs.pop("quick_compile", True)
         start = time.perf_counter()
         ours = generate_dataset(family, etas, key=k_ours, progress=False, **kwargs)
         t_ours = time.perf_counter() - start
@@ -180,7 +187,8 @@ def run_case(name: str, num_etas: int, key: jax.Array, methods=tuple(METHODS)) -
         start = time.perf_counter()
         equal = generate_dataset(  # no retries, no SMC fallback
             family, etas, key=k_equal, num_samples=num_samples, num_warmup=num_warmup,
-            max_retries=0, fallback=None, progress=False, **kwargs,
+            max_retries=0, fallback=None, progress=False,
+            **{k: v for k, v in kwargs.items() if k not in ("num_samples", "num_warmup")},
         )
         t_equal = time.perf_counter() - start
         by_smc = int(ours.extras["tempered_smc"].sum())
@@ -198,6 +206,7 @@ def run_case(name: str, num_etas: int, key: jax.Array, methods=tuple(METHODS)) -
             row[label + suffix] = {"title": title, "time": seconds, "eta_per_s": num_etas / seconds,
                                    "rmse": rmse, "zrmse": zrmse, **extra}
             row["methods"].append(label + suffix)
+    sampling.QUICK_COMPILE = True
     return row
 
 
