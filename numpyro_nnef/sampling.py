@@ -320,7 +320,11 @@ def _chees_one_eta_fn(family, num_chains, num_warmup, num_samples, target_accept
 
 
 _SAMPLER_CACHE: dict[tuple, Callable] = {}
-QUICK_COMPILE = True  # samplers compiled with CPU_LOOP_COMPILER_OPTIONS (see _jit.py)
+# per kernel: compile with CPU_LOOP_COMPILER_OPTIONS (see _jit.py) rather than XLA's defaults.
+# Measured on 200 eta (benchmarks/results/datagen.md): for NUTS they cut compilation 3-4x but ran
+# the draws 1.2-2.2x slower, a loss on every run longer than a few chunks; ChEES runs short
+# fixed-length loops, where compilation dominates.
+QUICK_COMPILE = {"nuts": False, "chees": True, "smc": False}
 
 
 def _batched_fn(family, settings: tuple, sharded: bool, builder: Callable = _one_eta_fn,
@@ -329,12 +333,13 @@ def _batched_fn(family, settings: tuple, sharded: bool, builder: Callable = _one
 
     Cached per family (equal families share it, see ``ExponentialFamily.cache_key``), builder
     and settings, so repeated calls, retries with equal settings and equal family instances
-    reuse the compiled sampler. With ``QUICK_COMPILE`` the program is compiled by
+    reuse the compiled sampler. Where ``QUICK_COMPILE[kernel]`` the program is compiled by
     :func:`numpyro_nnef._jit.quick_jit` with ``CPU_LOOP_COMPILER_OPTIONS`` (CPU: legacy
-    emitters, LLVM O1: 3-4x faster compiles, about the same run time).
-    """
+    emitters, LLVM O1: 3-4x faster compiles, slower loops)."""
+    kernel = {_one_eta_fn: "nuts", _chees_one_eta_fn: "chees"}.get(builder, "smc")
+    quick = QUICK_COMPILE[kernel]
     devices = tuple(jax.local_devices()) if sharded else None
-    cache_key = (family, builder, settings, devices, QUICK_COMPILE)  # family: id-based keys
+    cache_key = (family, builder, settings, devices, quick)  # family: id-based keys
     fn = _SAMPLER_CACHE.get(cache_key)
     if fn is None:
         fn = jax.vmap(builder(family, *settings))
@@ -342,8 +347,7 @@ def _batched_fn(family, settings: tuple, sharded: bool, builder: Callable = _one
             mesh = Mesh(np.array(devices), ("eta",))
             fn = jax.shard_map(fn, mesh=mesh, in_specs=(P("eta"),) * num_inputs,
                                out_specs=P("eta"), check_vma=False)
-        fn = (quick_jit(fn, cpu_options=CPU_LOOP_COMPILER_OPTIONS) if QUICK_COMPILE
-              else jax.jit(fn))
+        fn = quick_jit(fn, cpu_options=CPU_LOOP_COMPILER_OPTIONS) if quick else jax.jit(fn)
         _SAMPLER_CACHE[cache_key] = fn
     return fn
 
