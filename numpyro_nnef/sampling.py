@@ -1,7 +1,8 @@
 """Data generation: eta -> (E[T(x)], Cov[T(x)]) with ArviZ-exact diagnostics.
 
-For each natural parameter eta, independent NUTS chains (BlackJAX window adaptation, then a scan
-of NUTS steps) target p(x | eta) ∝ h(x) exp(eta . T(x)) in unconstrained space: with
+For each natural parameter eta, independent NUTS chains (Stan's windowed adaptation of step size
+and diagonal mass matrix, then draws, in one scan through one NUTS kernel; or ChEES-HMC with
+``sampler="chees"``) target p(x | eta) ∝ h(x) exp(eta . T(x)) in unconstrained space: with
 x = f(u), f = :func:`support_transform` (softplus for x >= 0, ``biject_to(support)`` otherwise;
 a circle is cut at its lowest-density angle), the chains sample
 
@@ -440,9 +441,9 @@ def run_nuts(
     """Independent adapted NUTS chains on p(x | eta) ∝ h(x) exp(eta . T(x)) for each eta.
 
     ``etas`` has shape ``batch + (stat_dim,)`` (usually ``(n_eta, stat_dim)``). Each chain starts
-    at u ~ Uniform(-2, 2) in unconstrained space, runs ``num_warmup`` steps of BlackJAX window
-    adaptation, then ``num_samples`` NUTS steps. Returns :class:`NUTSDraws` with
-    ``statistics`` of shape ``batch + (num_chains, num_samples, stat_dim)``.
+    at u ~ Uniform(-2, 2) in unconstrained space, runs ``num_warmup`` steps of Stan's windowed
+    adaptation (step size, diagonal mass matrix), then ``num_samples`` NUTS steps. Returns
+    :class:`NUTSDraws` with ``statistics`` of shape ``batch + (num_chains, num_samples, stat_dim)``.
     """
     etas = family.validate_natural(_float_etas(family, etas))
     key = as_key(key)
