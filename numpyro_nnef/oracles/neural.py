@@ -279,11 +279,17 @@ class NeuralOracle(TrainingRange, Oracle):
 
     def natural_from_mean(self, mu: Array, *, init: Array | None = None, max_steps: int = 100,
                           tol: float = 1e-9) -> Array:
-        """eta with E[T | eta] = mu, searched inside the training range; Newton starts at
-        ``init``, by default the mean of the training etas (feasible: the domain is convex)."""
+        """eta with E[T | eta] = mu; Newton starts at ``init``, by default the mean of the
+        training etas (feasible: the domain is convex). A mean outside the range the oracle was
+        trained on (its eta falls outside the training box, up to a relative 1e-6) is reported
+        per ``out_of_range``: a RuntimeWarning by default, also under jit."""
         if init is None:
             init = jnp.asarray(self.standardization.eta_shift)
-        return super().natural_from_mean(mu, init=init, max_steps=max_steps, tol=tol)
+        eta = super().natural_from_mean(mu, init=init, max_steps=max_steps, tol=tol)
+        return self.check_range(
+            eta, rtol=1e-6, stacklevel=3,
+            what="mean(s) outside the range of the training data: natural_from_mean returns "
+                 "eta outside the training box")
 
     def natural_from_mean_single(self, mu: Array, init: Array, max_steps: int = 100,
                                  tol: float = 1e-9) -> tuple[Array, Array]:
