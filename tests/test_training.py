@@ -393,6 +393,16 @@ def test_convex_oracle_inverts_every_mean_on_a_grid_of_the_training_box(convex_o
         back = np.asarray(oracle.natural_from_mean(mu))
     np.testing.assert_allclose(back, grid, atol=1e-6)
     assert np.linalg.eigvalsh(np.asarray(oracle.covariance(grid))).min() > 0
+    # convex on all of R^d: Newton for the inverse is not held to the natural domain
+    assert oracle.convex
+
+
+def test_only_convex_networks_skip_the_domain_in_the_inverse(gaussian_data):
+    _, data = gaussian_data
+    oracle = nnef.train_oracle(data, key=jax.random.key(3), architecture="logz_mlp",
+                               hyperparameters={"hidden": (4,)}, anchor=None,
+                               **{**FAST, "max_epochs": 1})
+    assert oracle.learned_log_partition and not oracle.convex
 
 
 def test_inverse_warns_for_a_mean_outside_the_training_range(gaussian_data, convex_oracle):

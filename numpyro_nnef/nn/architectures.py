@@ -108,6 +108,7 @@ class ExpectationNetwork(ConfiguredModule):
     """
 
     kind: ClassVar[str]
+    convex: ClassVar[bool] = False  # a learned A convex for every weight value
 
     def __init__(self, *, eta_dim: int, stat_dim: int, rngs: nnx.Rngs, **hyperparameters: Any):
         hp = self._configure({"eta_dim": eta_dim, "stat_dim": stat_dim}, hyperparameters)
@@ -251,6 +252,7 @@ class LogZICNN(GradientNetwork):
     """
 
     name = "logz_icnn"
+    convex = True
     defaults = {"hidden": (64, 64), "eps": 1e-4}
 
     def _build(self, *, rngs: nnx.Rngs, hidden: Sequence[int], eps: float) -> None:
@@ -318,6 +320,7 @@ class LogZConvex(GradientNetwork):
     """
 
     name = "logz_convex"
+    convex = True
     defaults = {"hidden": (128, 128), "num_atoms": 64, "quadratic": True, "temperature": 1.0,
                 "init_scale": 0.5, "eps": 1e-4, "gain": 3.0}
 

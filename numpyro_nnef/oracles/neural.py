@@ -175,6 +175,9 @@ class NeuralOracle(TrainingRange, Oracle):
         self.metadata = dict(metadata or {})
         self._graphdef, self._state = nnx.split(model)
         self.learned_log_partition = has_learned_log_partition(protocol, model, dim)
+        # a learned A convex and finite on all of R^d (logz_icnn, logz_convex): Newton for the
+        # inverse needs no domain constraint
+        self.convex = self.learned_log_partition and bool(getattr(model, "convex", False))
         self._set_anchors(tuple(anchors))
         self.report = None  # a TrainingReport when the oracle comes from train_oracle
 
@@ -293,13 +296,17 @@ class NeuralOracle(TrainingRange, Oracle):
 
     def natural_from_mean_single(self, mu: Array, init: Array, max_steps: int = 100,
                                  tol: float = 1e-9) -> tuple[Array, Array]:
-        """(eta, converged) with E[T | eta] = mu: Newton on the convex A(eta) - eta . mu for a
-        learned A; for a direct network (whose mean need not be an exact gradient, nor one-to-one
-        where it extrapolates) Newton on the residual mean(eta) - mu, backtracking on its squared
-        norm inside the natural domain and the training range (plus a 10% margin)."""
+        """(eta, converged) with E[T | eta] = mu: Newton on A(eta) - eta . mu for a learned A
+        (without the domain constraint when the network is convex on all of R^d: the minimiser
+        of a mean inside the training range is inside the domain, and iterates held to the
+        domain can stall on its boundary); for a direct network (whose mean need not be an
+        exact gradient, nor one-to-one where it extrapolates) Newton on the residual
+        mean(eta) - mu, backtracking on its squared norm inside the natural domain and the
+        training range (plus a 10% margin)."""
         if self.learned_log_partition:
             return newton_natural_from_mean(self, mu, init, max_steps, tol,
-                                            log_partition=self._learned_log_partition)
+                                            log_partition=self._learned_log_partition,
+                                            in_domain=not self.convex)
         family = self.family
         jacobian = jax.jacfwd(self.mean_single)
         threshold = tol + 100 * jnp.finfo(mu.dtype).eps * (1.0 + jnp.max(jnp.abs(mu)))
