@@ -33,7 +33,6 @@ import dataclasses
 import fcntl
 import hashlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -103,7 +102,6 @@ EVAL_BATCH = 10_000
 EVAL_REPEATS = 3  # timed runs after the warm-up, fewer once they add up to EVAL_SECONDS
 EVAL_SECONDS = 1.0
 GOAL_RATIO, GOAL_LOGZ, GOAL_SPEEDUP = 0.5, 0.01, 1e4
-INVERSE_GRID, INVERSE_TOL = 100, 1e-3  # inverse check: grid size, tolerance / box width
 
 
 def combos(protocols: list[str], architectures: list[str] | None) -> list[tuple[str, str]]:
@@ -176,20 +174,6 @@ def eval_seconds_per_eta(oracle, low: np.ndarray, high: np.ndarray, key: jax.Arr
     return statistics.median(times) / EVAL_BATCH
 
 
-def inverse_success_rate(oracle) -> float:
-    """Fraction of a grid of about INVERSE_GRID eta spanning the training box (corners included)
-    where natural_from_mean(mean(eta)) returns eta within INVERSE_TOL of the box's width."""
-    low, high = oracle.eta_low, oracle.eta_high
-    per_axis = math.ceil(INVERSE_GRID ** (1 / low.size))
-    axes = [np.linspace(lo, hi, per_axis) for lo, hi in zip(low, high, strict=True)]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, low.size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # non-convergence: counted below
-        back = np.asarray(oracle.natural_from_mean(oracle.mean(jnp.asarray(grid))))
-    error = np.max(np.abs(back - grid) / (high - low), axis=1)
-    return float(np.mean(error < INVERSE_TOL))
-
-
 def run_combo(label: str, dataset: ExpectationDataset, protocol: str, architecture: str,
               settings: dict, seed: int) -> dict:
     family = FAMILIES[label][0]()
@@ -211,15 +195,11 @@ def run_combo(label: str, dataset: ExpectationDataset, protocol: str, architectu
     data_rmse, data_nrmse = normalised_rmse(test.mean, mu_exact, spread)
     rel = np.abs(mu_net - mu_exact) / np.maximum(np.abs(mu_exact), spread)
     cov_rel = np.full(1, np.nan)  # the Jacobian through a flow's ODE: too slow to compile here
-    psd_rate = inverse_rate = None
     if protocol == "regression":
         cov_exact = np.asarray(exact.covariance(eta))
         cov_net = np.asarray(oracle.covariance(eta))
         cov_rel = np.linalg.norm(cov_net - cov_exact, axis=(1, 2)) / np.linalg.norm(
             cov_exact, axis=(1, 2))
-        eig = np.linalg.eigvalsh(cov_net)
-        psd_rate = float(np.mean(eig.min(-1) >= -1e-9 * np.abs(eig).max(-1)))
-        inverse_rate = inverse_success_rate(oracle)
     logz_err = np.abs(np.asarray(oracle.log_partition(eta)) - np.asarray(exact.log_partition(eta)))
     eval_s = eval_seconds_per_eta(oracle, oracle.eta_low, oracle.eta_high, k_eval)
     anchors = oracle.anchors
@@ -230,7 +210,6 @@ def run_combo(label: str, dataset: ExpectationDataset, protocol: str, architectu
         "data_nrmse": data_nrmse, "ratio": nrmse / data_nrmse,
         "max_rel_err": float(rel.max()), "cov_rel_err": float(np.median(cov_rel)),
         "logz_max_err": float(logz_err.max()),
-        "psd_rate": psd_rate, "inverse_rate": inverse_rate,
         "anchors": {"count": len(anchors), "method": anchors[0].method if anchors else None,
                     "max_stderr": max((a.stderr for a in anchors), default=None),
                     "max_khat": max(khats, default=None)},
@@ -278,10 +257,6 @@ def fmt(x: float, spec: str = ".3g") -> str:
     return "-" if x is None or not np.isfinite(x) else format(x, spec)
 
 
-def percent(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.0f}%"
-
-
 def ratio_of(row: dict) -> float:
     """The row's ratio, +inf for a failed pair or an undefined ratio (for sorting)."""
     value = row.get("ratio", np.inf)
@@ -297,21 +272,19 @@ def single_anchor(row: dict) -> str:
 def family_table(rows: list[dict], nuts_s: float) -> list[str]:
     lines = [
         "| protocol | architecture | nRMSE | data nRMSE | ratio | max rel. err | Cov rel. err | "
-        "abs dA max | Cov PSD | inverse ok | train s | best/last epoch | eval us/eta | "
-        "NUTS s/eta / eval |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "abs dA max | train s | best/last epoch | eval us/eta | NUTS s/eta / eval |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in sorted(rows, key=lambda r: (ratio_of(r), r["protocol"])):
         if "error" in r:
             lines.append(f"| {r['protocol']} | {r['architecture']} | failed: "
-                         f"{r['error'].splitlines()[-1][:80]} |" + " |" * 12)
+                         f"{r['error'].splitlines()[-1][:80]} |" + " |" * 10)
             continue
         nrmse = fmt(r["nrmse"]) if np.isfinite(r["nrmse"]) else "non-finite"
         lines.append(
             f"| {r['protocol']} | {r['architecture']} | {nrmse} | "
             f"{fmt(r['data_nrmse'])} | {fmt(r['ratio'])} | {fmt(r['max_rel_err'])} | "
             f"{fmt(r['cov_rel_err'])} | {fmt(r['logz_max_err'])}{single_anchor(r)} | "
-            f"{percent(r.get('psd_rate'))} | {percent(r.get('inverse_rate'))} | "
             f"{r['train_s']:.1f} | "
             f"{r['best_epoch']}/{r['last_epoch']} | {r['eval_s_per_eta'] * 1e6:.3g} | "
             f"{nuts_s / r['eval_s_per_eta']:.2g} |"
@@ -410,13 +383,7 @@ def markdown(results: dict, config: dict, datasets: dict, labels: list[str], ela
         " (regression only: compiling the Jacobian through a flow's ODE solve for every flow pair "
         "did not fit the time budget). abs dA max = max |A_net - A| (goal < 0.01 on scalar-x "
         "families; * marks rows cached from before multi-anchor log-partitions: one anchor at "
-        "the central training eta). Cov PSD = share of the test eta where the oracle's Cov "
-        "(the Hessian of a gradient network, the symmetrised Jacobian of a direct one) has no "
-        "eigenvalue below -1e-9 times its largest. inverse ok = share of a grid of about "
-        f"{INVERSE_GRID} eta spanning the training box (corners included) where "
-        "natural_from_mean(mean(eta)) is within "
-        f"{INVERSE_TOL:g} of the box's width of eta (regression only; - for rows cached from "
-        "before these columns). eval = oracle.mean "
+        "the central training eta). eval = oracle.mean "
         f"on a batch of {EVAL_BATCH} eta in the training box, median of {EVAL_REPEATS} runs "
         f"after a warm-up call (fewer once they add up to {EVAL_SECONDS:g} s), per eta. "
         "NUTS s/eta = the dataset's generation wall time "

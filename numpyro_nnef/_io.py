@@ -11,7 +11,6 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -137,36 +136,32 @@ class TrainingRange:
     out_of_range: str
     extrapolation_hint: str = "pass out_of_range='ignore' to silence, or train on a wider box"
 
-    def check_range(self, eta: Array, *, rtol: float = 1e-9, what: str | None = None,
-                    stacklevel: int = 4) -> Array:
-        """eta, after reporting the points outside the training box (also under jit); ``what``
-        replaces the message's opening (what is outside), ``rtol`` the box's tolerance."""
+    def check_range(self, eta: Array) -> Array:
+        """eta, after reporting the points outside the training box (also under jit)."""
         if self.out_of_range != "ignore":
-            outside = jnp.sum(~self._in_box(eta, rtol))
-            report = partial(self._report_outside, what=what, stacklevel=stacklevel + 1)
+            outside = jnp.sum(~self._in_box(eta))
             if isinstance(outside, jax.core.Tracer):
-                jax.debug.callback(report, outside)
+                jax.debug.callback(self._report_outside, outside)
             else:
-                report(outside)
+                self._report_outside(outside)
         return eta
 
     def in_training_range(self, eta: Array) -> Array:
         """Boolean mask (batch shape): True where eta lies inside the training box."""
         return self._in_box(self.family.check_eta(jnp.asarray(eta)))
 
-    def _in_box(self, eta: Array, rtol: float = 1e-9) -> Array:
-        """eta_low <= eta <= eta_high per point, with a relative tolerance ``rtol``."""
-        tol = rtol * (self.eta_high - self.eta_low + 1.0)
+    def _in_box(self, eta: Array) -> Array:
+        """eta_low <= eta <= eta_high per point, with a relative tolerance of 1e-9."""
+        tol = 1e-9 * (self.eta_high - self.eta_low + 1.0)
         return jnp.all((eta >= self.eta_low - tol) & (eta <= self.eta_high + tol), axis=-1)
 
-    def _report_outside(self, outside, what: str | None = None, stacklevel: int = 4) -> None:
+    def _report_outside(self, outside) -> None:
         count = int(outside)
         if count == 0:
             return
-        what = what or "eta outside the training range"
-        message = (f"{self!r}: {count} {what} "
+        message = (f"{self!r}: {count} eta outside the training range "
                    f"[{np.round(self.eta_low, 4).tolist()}, "
                    f"{np.round(self.eta_high, 4).tolist()}]; {self.extrapolation_hint}")
         if self.out_of_range == "error":
             raise ValueError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)

@@ -33,11 +33,10 @@ def _eta(seed):
 
 def test_registry_contents():
     assert set(NAMES) == {
-        "mlp", "glu", "quadratic", "glow", "geometric_flow", "logz_mlp", "logz_icnn",
-        "logz_convex",
+        "mlp", "glu", "quadratic", "glow", "geometric_flow", "logz_mlp", "logz_icnn"
     }
     assert set(DIRECT) == {"mlp", "glu", "quadratic", "glow", "geometric_flow"}
-    assert set(GRADIENT) == {"logz_mlp", "logz_icnn", "logz_convex"}
+    assert set(GRADIENT) == {"logz_mlp", "logz_icnn"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -96,63 +95,26 @@ def test_direct_nets_have_no_log_partition(name):
         _net(name).log_partition(jnp.zeros(ETA_DIM))
 
 
-CONVEX = {"logz_icnn": {"hidden": (16, 16, 16), "eps": 0.0},
-          "logz_convex": {"hidden": (16, 16, 16), "num_atoms": 8, "eps": 0.0}}
-
-
-def _randomised(net, seed, scale=2.0):
-    """``net`` with every weight replaced by init + scale * N(0, 1) noise: convexity must hold
-    for any weights, not only near the initialisation."""
-    graphdef, state = nnx.split(net)
-    leaves, tree = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [leaf + scale * jax.random.normal(k, jnp.shape(leaf))
-             for leaf, k in zip(leaves, keys, strict=True)]
-    return nnx.merge(graphdef, jax.tree.unflatten(tree, noisy))
-
-
-@pytest.mark.parametrize("name", sorted(CONVEX))
-@pytest.mark.parametrize("seed", [0, 1])
-def test_convex_nets_hessian_psd_and_convex_along_segments(name, seed):
-    net = _net(name, **CONVEX[name])
-    if seed:
-        net = _randomised(net, seed)
-    k1, k2, k3 = jax.random.split(jax.random.key(3 + seed), 3)
+def test_icnn_hessian_psd_and_convex_along_segments():
+    net = _net("logz_icnn", hidden=(16, 16, 16), eps=0.0)
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
     eta = 3.0 * jax.random.normal(k1, (200, ETA_DIM))
     eig = jnp.linalg.eigvalsh(net.covariance(eta))
-    assert eig.min() >= -1e-10 * (1.0 + jnp.abs(eig).max())
+    assert eig.min() >= -1e-10
     # convexity: A((1-t) a + t b) <= (1-t) A(a) + t A(b)
     a = 3.0 * jax.random.normal(k2, (200, 1, ETA_DIM))
     b = 3.0 * jax.random.normal(k3, (200, 1, ETA_DIM))
     t = jnp.linspace(0.0, 1.0, 11)
     lhs = net.log_partition((1 - t[:, None]) * a + t[:, None] * b)  # (200, 11); t = 0, 1 exact
     rhs = (1 - t) * lhs[:, :1] + t * lhs[:, -1:]
-    assert jnp.all(lhs <= rhs + 1e-10 * (1.0 + jnp.abs(rhs)))
+    assert jnp.all(lhs <= rhs + 1e-10)
 
 
-@pytest.mark.parametrize("name", sorted(CONVEX))
-def test_convex_nets_eps_makes_strictly_convex(name):
+def test_icnn_eps_makes_strictly_convex():
     eps = 0.1
-    net = _randomised(_net(name, eps=eps), seed=5)
+    net = _net("logz_icnn", eps=eps)
     eta = 3.0 * _eta(4)
-    eig = jnp.linalg.eigvalsh(net.covariance(eta))
-    assert eig.min() >= eps - 1e-10 * (1.0 + jnp.abs(eig).max())
-
-
-def test_logz_convex_parts_and_initialisation():
-    """Each part can be switched off (not all); at initialisation A is near the quadratic
-    0.5 s^T (L L^T) s of a Gaussian: its Hessian at 0 is close to init_scale^2 I plus the
-    atoms' covariance (about I)."""
-    for parts in [{"hidden": ()}, {"num_atoms": 0}, {"quadratic": False}]:
-        net = _net("logz_convex", **parts)
-        assert jnp.all(jnp.isfinite(net.covariance(_eta(6))))
-    with pytest.raises(ValueError, match="at least one"):
-        _net("logz_convex", hidden=(), num_atoms=0, quadratic=False)
-    with pytest.raises(ValueError, match="temperature > 0"):
-        _net("logz_convex", temperature=0.0)
-    net = _net("logz_convex", hidden=(), num_atoms=4096, init_scale=0.5, eps=0.0)
-    hessian = np.asarray(net.covariance(jnp.zeros(ETA_DIM)))
-    np.testing.assert_allclose(hessian, 1.25 * np.eye(ETA_DIM), atol=0.15)
+    assert jnp.linalg.eigvalsh(net.covariance(eta)).min() >= eps - 1e-10
 
 
 def test_errors():

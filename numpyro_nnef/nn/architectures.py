@@ -108,7 +108,6 @@ class ExpectationNetwork(ConfiguredModule):
     """
 
     kind: ClassVar[str]
-    convex: ClassVar[bool] = False  # a learned A convex for every weight value
 
     def __init__(self, *, eta_dim: int, stat_dim: int, rngs: nnx.Rngs, **hyperparameters: Any):
         hp = self._configure({"eta_dim": eta_dim, "stat_dim": stat_dim}, hyperparameters)
@@ -252,7 +251,6 @@ class LogZICNN(GradientNetwork):
     """
 
     name = "logz_icnn"
-    convex = True
     defaults = {"hidden": (64, 64), "eps": 1e-4}
 
     def _build(self, *, rngs: nnx.Rngs, hidden: Sequence[int], eps: float) -> None:
@@ -281,114 +279,6 @@ class LogZICNN(GradientNetwork):
             pre = z @ jax.nn.softplus(self.z_raw[k][...]) + self.x_layers[k + 1](eta)
             z = pre if k == n - 1 else jax.nn.softplus(pre)
         return z[0] + 0.5 * self.eps * jnp.sum(eta**2)
-
-
-def _positive_raw(value: float) -> float:
-    """raw with softplus(raw) == value (> 0)."""
-    return float(np.log(np.expm1(value)))
-
-
-class LogZConvex(GradientNetwork):
-    """A convex learned log-partition, the sum of three convex parts (each may be switched off):
-
-    A(s) = 0.5 s^T (L L^T + eps I) s + w.s + b                      (quadratic: Gaussian curvature)
-         + tau * LSE_k((v_k.s + c_k) / tau)                           (``num_atoms`` K > 0)
-         + softplus(a) * ICNN(s)                                      (``hidden`` non-empty)
-
-    The log-sum-exp term is the cumulant generating function of a learned discrete measure with
-    atoms v_k (in standardised E[T] units) and log-weights c_k: the form of an exponential
-    family's A (a log-Laplace transform), here of a learned base measure smoothed by the shared
-    quadratic (quadratic + LSE = the CGF of a Gaussian mixture with a shared covariance). The
-    ICNN has input skips at every layer, z_1 = softplus(W_0 s + b_0),
-    z_{k+1} = softplus(softplus(U_k) z_k + W_k s + b_k), ICNN = softplus(u) . z_K (Amos et al.
-    2017). Softplus and log-sum-exp are convex and non-decreasing and every weight on a convex
-    input is non-negative, so A is convex and Cov = Hessian A is symmetric PSD for every weight
-    value (positive definite with eps > 0).
-
-    Initialisation keeps A near 0.5 |s|^2 (the log-partition of a unit Gaussian in standardised
-    coordinates): L = ``init_scale`` * I, atoms v_k ~ N(0, I) with equal weights (their CGF is
-    about 0.5 |s|^2 for moderate s), and a small ICNN output scale. Every weight is stored
-    divided by ``gain`` and multiplied back in the forward pass: Adam's steps are about the
-    learning rate in stored units, so ``gain`` multiplies this network's effective learning rate.
-
-    Defaults from the oracle benchmark (1500 epochs, learning rate 0.01; ratio = nRMSE over the
-    data's, one seed, so differences below about 20% are noise): gain 1 -> 3 took the Gaussian
-    from 1.34 to 0.42 (gain 8: 0.77, Gamma 0.98 -> 0.71); hidden (64, 64) -> (128, 128) took
-    GaussLaplace from 0.66 to 0.44 and the Gaussian to 0.35 (Gamma 0.98 -> 0.97,
-    MultivariateNormal-2d 5.2 -> 7.1); without the atoms (128, 128) gave Gaussian 0.44,
-    GaussLaplace 0.53, Gamma 0.69; atoms alone (no ICNN) were far worse (Gamma 2.7).
-    """
-
-    name = "logz_convex"
-    convex = True
-    defaults = {"hidden": (128, 128), "num_atoms": 64, "quadratic": True, "temperature": 1.0,
-                "init_scale": 0.5, "eps": 1e-4, "gain": 3.0}
-
-    def _build(self, *, rngs: nnx.Rngs, hidden: Sequence[int], num_atoms: int, quadratic: bool,
-               temperature: float, init_scale: float, eps: float, gain: float) -> None:
-        hidden = [int(h) for h in hidden]
-        if (eps < 0 or not temperature > 0 or int(num_atoms) < 0 or init_scale < 0
-                or not gain > 0):
-            raise ValueError(f"logz_convex needs eps >= 0, temperature > 0, num_atoms >= 0, "
-                             f"init_scale >= 0 and gain > 0, got {eps}, {temperature}, "
-                             f"{num_atoms}, {init_scale}, {gain}")
-        if not (hidden or int(num_atoms) or quadratic):
-            raise ValueError("logz_convex needs at least one of hidden, num_atoms, quadratic")
-        d = self.eta_dim
-        self.eps = float(eps)
-        self.temperature = float(temperature)
-        self.gain = float(gain)
-        self.use_quadratic = bool(quadratic)
-        self.num_atoms = int(num_atoms)
-        self.depth = len(hidden)
-
-        def param(value):
-            return nnx.Param(jnp.asarray(value) / self.gain)
-
-        def dense(din, dout):  # the LeCun-normal init of nnx.Linear, zero bias
-            return (param(jax.random.normal(rngs.params(), (din, dout)) / np.sqrt(din)),
-                    param(jnp.zeros(dout)))
-
-        self.linear = param(jnp.zeros(d))
-        if quadratic:
-            self.factor = param(float(init_scale) * jnp.eye(d))
-        if self.num_atoms:
-            k = self.num_atoms
-            self.atoms = param(jax.random.normal(rngs.params(), (k, d)))
-            self.log_weights = param(jnp.full((k,), -float(np.log(k))))
-        if hidden:
-            self.x_layers = nnx.List([nnx.List(dense(d, h)) for h in hidden])
-            self.z_raw = nnx.List([
-                param(_positive_raw(1.0 / a) + 0.1 * jax.random.normal(rngs.params(), (a, b)))
-                for a, b in zip(hidden[:-1], hidden[1:], strict=True)
-            ])
-            self.out_raw = param(_positive_raw(1.0 / hidden[-1])
-                                 + 0.1 * jax.random.normal(rngs.params(), (hidden[-1],)))
-            self.icnn_scale_raw = param(_positive_raw(0.1))
-
-    def _w(self, p: nnx.Param) -> Array:
-        return self.gain * p[...]
-
-    def _log_partition(self, eta: Array) -> Array:
-        value = self._w(self.linear) @ eta + 0.5 * self.eps * jnp.sum(eta**2)
-        if self.use_quadratic:
-            half = self._w(self.factor).T @ eta
-            value = value + 0.5 * jnp.sum(half**2)
-        if self.num_atoms:
-            tau = self.temperature
-            logits = (self._w(self.atoms) @ eta + self._w(self.log_weights)) / tau
-            value = value + tau * jax.nn.logsumexp(logits)
-        if self.depth:
-            def skip(k):
-                weight, bias = self.x_layers[k]
-                return eta @ self._w(weight) + self._w(bias)
-
-            z = jax.nn.softplus(skip(0))
-            for k in range(1, self.depth):
-                z = jax.nn.softplus(z @ jax.nn.softplus(self._w(self.z_raw[k - 1])) + skip(k))
-            icnn = z @ jax.nn.softplus(self._w(self.out_raw))
-            value = value + jax.nn.softplus(self._w(self.icnn_scale_raw)) * icnn
-        return value
 
 
 class Glow(DirectNetwork):
@@ -532,8 +422,7 @@ class GeometricFlow(DirectNetwork):
 # ----------------------------------------------------------------------------- registry
 
 ARCHITECTURES: dict[str, type[ExpectationNetwork]] = {
-    cls.name: cls for cls in (MLP, GLU, Quadratic, Glow, GeometricFlow, LogZMLP, LogZICNN,
-                              LogZConvex)
+    cls.name: cls for cls in (MLP, GLU, Quadratic, Glow, GeometricFlow, LogZMLP, LogZICNN)
 }
 
 

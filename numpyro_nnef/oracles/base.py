@@ -236,17 +236,13 @@ class Oracle:
 
 
 def newton_natural_from_mean(oracle: Oracle, mu: Array, init: Array, max_steps: int,
-                             tol: float, log_partition=None, in_domain: bool = True
-                             ) -> tuple[Array, Array]:
+                             tol: float, log_partition=None) -> tuple[Array, Array]:
     """Damped Newton on f(eta) = A(eta) - eta . mu with Cov[T] as Hessian; (eta, converged).
 
     Backtracking halves the step until the new eta is inside the natural domain and f does not
     increase, so every iterate stays in the domain. When the domain cuts a Newton step short, a
     Cauchy (steepest-descent) step is tried as well and the better one is kept.
     ``log_partition`` (default ``oracle.log_partition_single``) may be A up to a constant.
-    ``in_domain=False`` drops the domain from the line search (only f finite is required): for
-    a learned A that is convex and finite on all of R^d, whose iterates would otherwise stall
-    against the family's domain boundary on the way to an interior solution.
     """
     family = oracle.family
     dim = family.stat_dim
@@ -256,8 +252,7 @@ def newton_natural_from_mean(oracle: Oracle, mu: Array, init: Array, max_steps: 
         return log_partition(eta) - jnp.dot(eta, mu)
 
     def inside(eta):
-        finite = jnp.isfinite(objective(eta))
-        return family.in_domain(eta[None])[0] & finite if in_domain else finite
+        return family.in_domain(eta[None])[0] & jnp.isfinite(objective(eta))
 
     def line_search(eta, value, direction):
         def acceptable(t, new_value):

@@ -175,9 +175,6 @@ class NeuralOracle(TrainingRange, Oracle):
         self.metadata = dict(metadata or {})
         self._graphdef, self._state = nnx.split(model)
         self.learned_log_partition = has_learned_log_partition(protocol, model, dim)
-        # a learned A convex and finite on all of R^d (logz_icnn, logz_convex): Newton for the
-        # inverse needs no domain constraint
-        self.convex = self.learned_log_partition and bool(getattr(model, "convex", False))
         self._set_anchors(tuple(anchors))
         self.report = None  # a TrainingReport when the oracle comes from train_oracle
 
@@ -282,31 +279,21 @@ class NeuralOracle(TrainingRange, Oracle):
 
     def natural_from_mean(self, mu: Array, *, init: Array | None = None, max_steps: int = 100,
                           tol: float = 1e-9) -> Array:
-        """eta with E[T | eta] = mu; Newton starts at ``init``, by default the mean of the
-        training etas (feasible: the domain is convex). A mean outside the range the oracle was
-        trained on (its eta falls outside the training box, up to a relative 1e-6) is reported
-        per ``out_of_range``: a RuntimeWarning by default, also under jit."""
+        """eta with E[T | eta] = mu, searched inside the training range; Newton starts at
+        ``init``, by default the mean of the training etas (feasible: the domain is convex)."""
         if init is None:
             init = jnp.asarray(self.standardization.eta_shift)
-        eta = super().natural_from_mean(mu, init=init, max_steps=max_steps, tol=tol)
-        return self.check_range(
-            eta, rtol=1e-6, stacklevel=3,
-            what="mean(s) outside the range of the training data: natural_from_mean returns "
-                 "eta outside the training box")
+        return super().natural_from_mean(mu, init=init, max_steps=max_steps, tol=tol)
 
     def natural_from_mean_single(self, mu: Array, init: Array, max_steps: int = 100,
                                  tol: float = 1e-9) -> tuple[Array, Array]:
-        """(eta, converged) with E[T | eta] = mu: Newton on A(eta) - eta . mu for a learned A
-        (without the domain constraint when the network is convex on all of R^d: the minimiser
-        of a mean inside the training range is inside the domain, and iterates held to the
-        domain can stall on its boundary); for a direct network (whose mean need not be an
-        exact gradient, nor one-to-one where it extrapolates) Newton on the residual
-        mean(eta) - mu, backtracking on its squared norm inside the natural domain and the
-        training range (plus a 10% margin)."""
+        """(eta, converged) with E[T | eta] = mu: Newton on the convex A(eta) - eta . mu for a
+        learned A; for a direct network (whose mean need not be an exact gradient, nor one-to-one
+        where it extrapolates) Newton on the residual mean(eta) - mu, backtracking on its squared
+        norm inside the natural domain and the training range (plus a 10% margin)."""
         if self.learned_log_partition:
             return newton_natural_from_mean(self, mu, init, max_steps, tol,
-                                            log_partition=self._learned_log_partition,
-                                            in_domain=not self.convex)
+                                            log_partition=self._learned_log_partition)
         family = self.family
         jacobian = jax.jacfwd(self.mean_single)
         threshold = tol + 100 * jnp.finfo(mu.dtype).eps * (1.0 + jnp.max(jnp.abs(mu)))

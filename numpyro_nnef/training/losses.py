@@ -40,12 +40,7 @@ def standardised_covariance(cov: np.ndarray, eta_scale: np.ndarray, mean_scale: 
     return cov / mean_scale[:, None] * eta_scale[None, :]
 
 
-def sobolev_loss(predict: Callable[[Array], Array], eta: Array, jacobian_target: Array,
-                 row_weights: Array | None = None) -> Array:
-    """Mean over the batch and entries of w_i (d predict_i / d eta_j - target_ij)^2 (row weights
-    w_i, shape (stat_dim,), are 1 unless given)."""
+def sobolev_loss(predict: Callable[[Array], Array], eta: Array, jacobian_target: Array) -> Array:
+    """Mean over the batch and entries of (d predict / d eta - target)^2."""
     jac = jax.vmap(jax.jacfwd(predict))(eta)
-    squared = (jac - jacobian_target) ** 2
-    if row_weights is not None:
-        squared = squared * row_weights[:, None]
-    return jnp.mean(squared)
+    return jnp.mean((jac - jacobian_target) ** 2)

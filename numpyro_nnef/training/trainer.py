@@ -29,7 +29,7 @@ from ..dataset import ExpectationDataset
 from ..families import family_from_description, resolve_family
 from ..family import ExponentialFamily
 from ..oracles.anchor import estimate_log_partitions, resolve_method
-from ..oracles.neural import NeuralOracle, Standardization, _safe_std, has_learned_log_partition
+from ..oracles.neural import NeuralOracle, Standardization, has_learned_log_partition
 from .losses import WEIGHTINGS, sobolev_loss, standardised_covariance, target_weights
 from .protocols import get_protocol
 
@@ -181,14 +181,9 @@ def train_oracle(
         return s, y, jac
 
     s_train, y_train, j_train = standardise(train)
-    # A gradient network's outputs share one scale (mean_scale = c / eta_scale), so statistic j
-    # has spread std_j / mean_scale_j there; weighting it by (mean_scale_j / std_j)^2 makes the
-    # loss that of per-statistic standardised E[T], as for a direct network (and as the
-    # benchmark's nRMSE measures), instead of neglecting the statistics of small spread.
-    stat_weights = (st.mean_scale / _safe_std(train.mean)) ** 2 if gradient else np.ones(dim)
-    w_train = stat_weights * target_weights(train.mcse / st.mean_scale, weighting)
+    w_train = target_weights(train.mcse / st.mean_scale, weighting)
     s_val, y_val, _ = standardise(val)
-    w_val = stat_weights * target_weights(val.mcse / st.mean_scale, weighting)
+    w_val = target_weights(val.mcse / st.mean_scale, weighting)
     centre = int(np.argmin(np.sum(s_train**2, axis=1)))
     if hasattr(model, "set_anchor"):
         model.set_anchor(jnp.asarray(s_train[centre]), jnp.asarray(y_train[centre]))
@@ -200,15 +195,13 @@ def train_oracle(
     schedule = optax.cosine_decay_schedule(learning_rate, max_epochs * steps_per_epoch, 0.01)
     optimizer = optax.adam(schedule)
     opt_state = optimizer.init(params)
-    row_weights = jnp.asarray(stat_weights)
     data = tuple(jnp.asarray(a) for a in (s_train, y_train, w_train, j_train))
 
     def loss_fn(p, s, y, w, j, k):
         m = nnx.merge(graphdef, p, rest)
         loss = proto.loss(m, s, y, w, k)
         if sobolev_weight > 0:
-            loss = loss + sobolev_weight * sobolev_loss(lambda e: proto.predict(m, e), s, j,
-                                                        row_weights)
+            loss = loss + sobolev_weight * sobolev_loss(lambda e: proto.predict(m, e), s, j)
         return loss
 
     @jax.jit
