@@ -5,8 +5,8 @@ benchmarks/plots.py`` redraws every figure from the committed results without re
 
 * models.png   CAVI vs NUTS vs SVI AutoNormal per textbook model (models.json): first-call time
   and max |mean - mean_NUTS| / sd_NUTS;
-* datagen.png  NUTS variants and ChEES-HMC vs fixed-step HMC (datagen.md's table; the benchmark
-  writes no JSON): RMSE / sd per family, each method at its defaults and at the baseline's time;
+* datagen.png  adaptive NUTS vs fixed-step HMC (datagen.md's table; the benchmark writes no
+  JSON): RMSE / sd per family, NUTS at its default settings and at the baseline's wall time;
 * oracles.png  neural oracle error / NUTS data error per family, best pair of each training
   protocol (oracles.json), with the goal of 0.5;
 * flows.png    PSIS k-hat over the test eta per family and flow, at equal time with NUTS (the
@@ -74,26 +74,22 @@ def markdown_table(text: str) -> list[dict]:
 
 
 def plot_datagen(table: list[dict], path: Path) -> None:
-    """RMSE / sd per family and method, from the rows of datagen.md's table (a row whose
-    settings end in "baseline's time" is its own series)."""
-    table = [dict(r, method=r["method"] + (", baseline's time" if "baseline's time"
-                                           in r.get("settings", "") else "")) for r in table]
+    """RMSE / sd per family and method, from the rows of datagen.md's table."""
     families = list(dict.fromkeys(r["family"] for r in table))
     methods = list(dict.fromkeys(r["method"] for r in table))
     x = np.arange(len(families))
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(12, 5))
+    fig, ax = plt.subplots(figsize=(9, 4))
     for i, method in enumerate(methods):
         cells = {r["family"]: r for r in table if r["method"] == method}
         values = [float(cells[f]["RMSE / sd"]) if f in cells else np.nan for f in families]
         walls = [cells[f]["wall s"] if f in cells else "" for f in families]
-        bars = ax.bar(x + (i - (len(methods) - 1) / 2) * width, values, width, label=method,
-                      color=plt.cm.tab20(i % 20))
-        ax.bar_label(bars, [f"{w}" for w in walls], fontsize=6)
+        bars = ax.bar(x + (i - (len(methods) - 1) / 2) * width, values, width, label=method)
+        ax.bar_label(bars, [f"{w} s" for w in walls], fontsize=7)
     ax.set_yscale("log")
     ax.set_xticks(x, [textwrap.fill(f, 20) for f in families], fontsize=8)
     ax.set_ylabel("RMSE of E[T] / exact sd")
-    ax.set_title("NUTS and ChEES-HMC vs fixed-step HMC (labels: wall seconds)")
+    ax.set_title("NUTS vs fixed-step HMC (labels: wall seconds)")
     ax.legend(fontsize=8)
     _save(fig, path)
 

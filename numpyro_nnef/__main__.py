@@ -74,7 +74,7 @@ def _demo_config_path() -> Path:
 _SAMPLER_KEYS: dict[str, type] = {
     "num_chains": int, "num_warmup": int, "num_samples": int, "chunk_size": int,
     "max_retries": int, "min_ess": float, "max_rhat": float, "target_acceptance_rate": float,
-    "engine": str, "fallback": str, "warm_start": bool,
+    "engine": str, "fallback": str,
 }
 _TOP_KEYS = {"family", "etas", "sampler", "train", "seed", "output", "checkpoint_dir", "x64"}
 # [train] keys: train_oracle's keyword arguments ("seed" makes its key; "anchor" may be "none").
@@ -141,8 +141,7 @@ def parse_generate_config(raw: dict[str, Any]) -> dict[str, Any]:
     Keys: ``[family] name = ...`` plus constructor keyword arguments (``name`` may also be
     ``"package.module:attribute"`` for a user family or factory); ``[etas] low, high, num,
     scale``; ``[sampler] num_chains, num_warmup, num_samples, chunk_size, max_retries, min_ess,
-    max_rhat, target_acceptance_rate, engine ("nuts", "chees" or "smc"), fallback ("smc" or
-    "none"), warm_start (NUTS)``;
+    max_rhat, target_acceptance_rate, engine ("nuts" or "smc"), fallback ("smc" or "none")``;
     top level ``seed``, ``output``, ``checkpoint_dir``,
     ``x64`` (default true: float64 sampling).
     """
@@ -184,11 +183,8 @@ def parse_generate_config(raw: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"[sampler] {k} must be positive, got {sampler[k]}")
     if sampler.get("max_retries", 0) < 0:
         raise ConfigError(f"[sampler] max_retries must be >= 0, got {sampler['max_retries']}")
-    if sampler.get("engine", "nuts") not in ("nuts", "chees", "smc"):
-        raise ConfigError(f"[sampler] engine must be 'nuts', 'chees' or 'smc', got "
-                          f"{sampler['engine']!r}")
-    if sampler.get("warm_start", False) and sampler.get("engine", "nuts") != "nuts":
-        raise ConfigError("[sampler] warm_start = true needs engine = 'nuts'")
+    if sampler.get("engine", "nuts") not in ("nuts", "smc"):
+        raise ConfigError(f"[sampler] engine must be 'nuts' or 'smc', got {sampler['engine']!r}")
     if sampler.get("fallback", "smc") not in ("smc", "none"):
         raise ConfigError(f"[sampler] fallback must be 'smc' or 'none', got "
                           f"{sampler['fallback']!r}")

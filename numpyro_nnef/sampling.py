@@ -1,8 +1,7 @@
 """Data generation: eta -> (E[T(x)], Cov[T(x)]) with ArviZ-exact diagnostics.
 
-For each natural parameter eta, independent NUTS chains (Stan's windowed adaptation of step size
-and diagonal mass matrix, then draws, in one scan through one NUTS kernel; or ChEES-HMC with
-``sampler="chees"``) target p(x | eta) ∝ h(x) exp(eta . T(x)) in unconstrained space: with
+For each natural parameter eta, independent NUTS chains (BlackJAX window adaptation, then a scan
+of NUTS steps) target p(x | eta) ∝ h(x) exp(eta . T(x)) in unconstrained space: with
 x = f(u), f = :func:`support_transform` (softplus for x >= 0, ``biject_to(support)`` otherwise;
 a circle is cut at its lowest-density angle), the chains sample
 
@@ -38,9 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from blackjax.adaptation.base import get_filter_adapt_info_fn
-from blackjax.adaptation.mass_matrix import mass_matrix_adaptation
-from blackjax.adaptation.staged_adaptation import build_schedule
-from blackjax.adaptation.step_size import dual_averaging_adaptation
 from blackjax.smc import adaptive_tempered, resampling
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -48,7 +44,6 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import SoftplusTransform, Transform, biject_to
 
 from ._io import atomic_write
-from ._jit import CPU_LOOP_COMPILER_OPTIONS, quick_jit
 from .dataset import ExpectationDataset
 from .diagnostics import ess_bulk, ess_tail, mcse_mean, rhat
 from .family import Array, ExponentialFamily, OutOfDomainError
@@ -70,7 +65,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "numpyro_nnef.generate_dataset.checkpoint"
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,8 +83,6 @@ class NUTSDraws(NamedTuple):
     climb: the largest rise of a chain's log density from its first to its last quarter of draws,
     ``batch`` (zero up to noise for a stationary chain; chains climbing an improper member rise).
     x: the draws of x, ``batch + (num_chains, num_samples) + event_shape`` (or None).
-    inverse_mass_matrix: adapted diagonal inverse mass matrix per chain (unconstrained
-    coordinates, flattened), ``batch + (num_chains, d)``.
     """
 
     statistics: Array
@@ -101,7 +94,6 @@ class NUTSDraws(NamedTuple):
     u_max: Array
     climb: Array
     x: Array | None = None
-    inverse_mass_matrix: Array | None = None
 
 
 def support_transform(family: ExponentialFamily) -> Transform:
@@ -176,171 +168,76 @@ def _unconstrained_shape(family: ExponentialFamily) -> tuple[int, ...]:
     return tuple(support_transform(family).inverse_shape(family.event_shape))
 
 
-def _warmup_schedule(num_warmup: int, mode: str) -> np.ndarray:
-    """(num_warmup, 2) int: per warm-up step (stage, window end). ``"window"``: Stan's windows
-    (BlackJAX ``build_schedule``: a fast step-size window, doubling slow windows that estimate
-    the diagonal mass matrix, a final fast window); ``"step"``: step size only (stage 0)."""
-    if mode == "window":
-        return np.array(build_schedule(num_warmup), dtype=np.int64).reshape(num_warmup, 2)
-    return np.zeros((num_warmup, 2), np.int64)
-
-
-def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_rate, return_x,
-                mode="window"):
-    """(key, eta, step0, imm0) -> per-eta outputs of ``num_chains`` independent NUTS chains:
-    ``num_warmup`` adaptation steps (``mode`` "window": Stan's windowed adaptation of step size
-    and diagonal inverse mass matrix, started from step size ``step0`` and inverse mass matrix
-    ``imm0``; "step": dual averaging of the step size alone, the mass matrix held at ``imm0``),
-    then ``num_samples`` draws. One scan runs warm-up and draws through a single NUTS kernel
-    (the parameters switch at step ``num_warmup``), so the kernel is compiled once."""
+def _one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_rate, return_x):
+    """(key, eta) -> per-eta outputs of ``num_chains`` independent adapted NUTS chains
+    (BlackJAX window adaptation, then a scan of NUTS steps)."""
     u_shape = _unconstrained_shape(family)
-    d = math.prod(u_shape)
-    total = num_warmup + num_samples
-    schedule = np.zeros((total, 2), np.int64)
-    schedule[:num_warmup] = _warmup_schedule(num_warmup, mode)
-    da_init, da_update, _ = dual_averaging_adaptation(target_acceptance_rate)
-    mm_init, mm_update, mm_final = mass_matrix_adaptation(is_diagonal_matrix=True)
-    kernel = blackjax.nuts.build_kernel()
-    quarter = max(1, num_samples // 4)
 
-    def one_eta(key, eta, step0, imm0):
-        transform, logdensity = engine_maps(family, eta)
-        k_init, k_chain = jax.random.split(key)
-        u_init = jax.random.uniform(
-            k_init, (num_chains,) + u_shape, eta.dtype, minval=-2.0, maxval=2.0
-        )
-
-        def one_chain(k, u0):
-            def body(carry, inputs):
-                state, da, mm, step_size, imm, sums = carry
-                i, k, stage, window_end = inputs
-                state, info = kernel(k, state, logdensity, step_size, imm)
-                # adaptation (its results are used only while i < num_warmup)
-                da = da_update(da, info.acceptance_rate)
-                mm_next = mm_update(mm, state.position)
-                mm = jax.tree.map(lambda a, b: jnp.where(stage == 1, a, b), mm_next, mm)
-                ended = mm_final(mm)
-                mm = jax.tree.map(lambda a, b: jnp.where(window_end == 1, a, b), ended, mm)
-                da = jax.tree.map(lambda a, b: jnp.where(window_end == 1, a, b),
-                                  da_init(jnp.exp(da.log_step_size_avg)), da)
-                warming = i < num_warmup - 1
-                last = i == num_warmup - 1
-                step_size = jnp.where(warming, jnp.exp(da.log_step_size),
-                                      jnp.where(last, jnp.exp(da.log_step_size_avg), step_size))
-                imm = jnp.where(warming | last, mm.inverse_mass_matrix, imm)
-                # draws (i >= num_warmup)
-                j = i - num_warmup
-                drawing = j >= 0
-                x = transform(state.position)
-                u, logp = jnp.ravel(state.position), state.logdensity
-                sum_u, sum_u2, max_u, logp_first, logp_last, div, acc = sums
-                sums = (sum_u + jnp.where(drawing, u, 0.0), sum_u2 + jnp.where(drawing, u * u, 0.0),
-                        jnp.where(drawing, jnp.maximum(max_u, jnp.max(jnp.abs(u))), max_u),
-                        logp_first + jnp.where(drawing & (j < quarter), logp, 0.0),
-                        logp_last + jnp.where(j >= num_samples - quarter, logp, 0.0),
-                        div + (drawing & info.is_divergent),
-                        acc + jnp.where(drawing, info.acceptance_rate, 0.0))
-                out = (family.sufficient_statistics(x),) + ((x,) if return_x else ())
-                return (state, da, mm, step_size, imm, sums), out
-
-            zero = jnp.zeros((), eta.dtype)
-            sums = (jnp.zeros(d, eta.dtype), jnp.zeros(d, eta.dtype), zero, zero, zero,
-                    jnp.zeros((), jnp.int32), zero)
-            carry = (blackjax.nuts.init(u0, logdensity), da_init(step0),
-                     mm_init(d, imm0), step0, imm0, sums)
-            inputs = (jnp.arange(total), jax.random.split(k, total), jnp.asarray(schedule[:, 0]),
-                      jnp.asarray(schedule[:, 1]))
-            (_, _, _, step_size, imm, sums), outs = jax.lax.scan(body, carry, inputs)
-            climb = (sums[4] - sums[3]) / quarter
-            result = (outs[0][num_warmup:], sums[5], step_size, sums[6] / num_samples,
-                      sums[0] / num_samples, sums[1] / num_samples, sums[2], climb, imm)
-            return result + ((outs[1][num_warmup:],) if return_x else ())
-
-        outs = jax.vmap(one_chain)(jax.random.split(k_chain, num_chains), u_init)
-        stats, divergences, step_size, accept, u1, u2, u_max, climb, imm = outs[:9]
-        u_mean = jnp.mean(u1, axis=0)  # pooled over chains of equal length
-        u_sd = jnp.sqrt(jnp.maximum(jnp.mean(u2, axis=0) - u_mean**2, 0.0))
-        positions = (u_mean, u_sd, jnp.max(u_max), jnp.max(jnp.nan_to_num(climb, nan=jnp.inf)))
-        return ((stats, jnp.sum(divergences), step_size, accept) + positions + (imm,)
-                + tuple(outs[9:]))
-
-    return one_eta
-
-
-def _chees_one_eta_fn(family, num_chains, num_warmup, num_samples, target_acceptance_rate,
-                      return_x, mode="window"):
-    """(key, eta, step0, imm0) -> per-eta outputs, as :func:`_one_eta_fn`, of ``num_chains``
-    ChEES-HMC chains run in lockstep (``blackjax.chees_adaptation``: step size by dual averaging
-    and the jittered trajectory length by the ChEES criterion across the chains, diagonal
-    inverse mass matrix estimated from the ensemble; Adam, learning rate 0.05), then
-    ``num_samples`` ``blackjax.dynamic_hmc`` steps. ``mode`` "step" is not used by ChEES (each
-    eta adapts from ``step0``; the mass matrix from the ensemble)."""
-    import optax
-
-    u_shape = _unconstrained_shape(family)
-    quarter = max(1, num_samples // 4)
-
-    def one_eta(key, eta, step0, imm0):
-        del imm0
+    def one_eta(key, eta):
         transform, logdensity = engine_maps(family, eta)
         k_init, k_warm, k_draw = jax.random.split(key, 3)
         u_init = jax.random.uniform(
             k_init, (num_chains,) + u_shape, eta.dtype, minval=-2.0, maxval=2.0
         )
-        warmup = blackjax.chees_adaptation(
-            logdensity, num_chains, target_acceptance_rate=target_acceptance_rate,
-            mass_matrix_estimation="diagonal", adaptation_info_fn=get_filter_adapt_info_fn(),
+
+        def one_chain(k_w, k_d, u0):
+            warmup = blackjax.window_adaptation(
+                blackjax.nuts, logdensity, target_acceptance_rate=target_acceptance_rate,
+                adaptation_info_fn=get_filter_adapt_info_fn(),
+            )
+            (state, parameters), _ = warmup.run(k_w, u0, num_steps=num_warmup)
+            step = blackjax.nuts(logdensity, **parameters).step
+            quarter = max(1, num_samples // 4)
+
+            def body(carry, inputs):
+                state, (sum_u, sum_u2, max_u, logp_first, logp_last) = carry
+                i, k = inputs
+                state, info = step(k, state)
+                x = transform(state.position)
+                u, logp = jnp.ravel(state.position), state.logdensity
+                sums = (sum_u + u, sum_u2 + u * u, jnp.maximum(max_u, jnp.max(jnp.abs(u))),
+                        logp_first + jnp.where(i < quarter, logp, 0.0),
+                        logp_last + jnp.where(i >= num_samples - quarter, logp, 0.0))
+                out = (family.sufficient_statistics(x), info.is_divergent, info.acceptance_rate)
+                return (state, sums), out + ((x,) if return_x else ())
+
+            d = math.prod(u_shape)
+            zero = jnp.zeros((), eta.dtype)
+            sums = (jnp.zeros(d, eta.dtype), jnp.zeros(d, eta.dtype), zero, zero, zero)
+            (_, sums), outs = jax.lax.scan(
+                body, (state, sums), (jnp.arange(num_samples), jax.random.split(k_d, num_samples))
+            )
+            stats, divergent, accept = outs[:3]
+            climb = (sums[4] - sums[3]) / quarter
+            result = (stats, jnp.sum(divergent), parameters["step_size"], jnp.mean(accept),
+                      sums[0] / num_samples, sums[1] / num_samples, sums[2], climb)
+            return result + ((outs[3],) if return_x else ())
+
+        outs = jax.vmap(one_chain)(
+            jax.random.split(k_warm, num_chains), jax.random.split(k_draw, num_chains), u_init
         )
-        (states, parameters), _ = warmup.run(k_warm, u_init, step0, optax.adam(0.05),
-                                             num_warmup, max_sampling_steps=num_samples)
-        step = jax.vmap(blackjax.dynamic_hmc(logdensity, **parameters).step)
-
-        def body(states, inputs):
-            i, k = inputs
-            states, info = step(jax.random.split(k, num_chains), states)
-            x = jax.vmap(transform)(states.position)
-            u = states.position.reshape(num_chains, -1)
-            out = (jax.vmap(family.sufficient_statistics)(x), info.is_divergent,
-                   info.acceptance_rate, u, states.logdensity)
-            return states, out + ((x,) if return_x else ())
-
-        _, outs = jax.lax.scan(body, states,
-                               (jnp.arange(num_samples), jax.random.split(k_draw, num_samples)))
-        stats, divergent, accept, u, logp = (jnp.moveaxis(o, 0, 1) for o in outs[:5])
-        flat_u = u.reshape(-1, u.shape[-1])
-        u_mean = jnp.mean(flat_u, axis=0)
-        u_sd = jnp.std(flat_u, axis=0)
-        climb = jnp.mean(logp[:, -quarter:], axis=1) - jnp.mean(logp[:, :quarter], axis=1)
-        step_size = jnp.broadcast_to(parameters["step_size"], (num_chains,))
-        imm = jnp.broadcast_to(parameters["inverse_mass_matrix"], (num_chains, u.shape[-1]))
-        result = (stats, jnp.sum(divergent), step_size, jnp.mean(accept, axis=1), u_mean, u_sd,
-                  jnp.max(jnp.abs(u)), jnp.max(jnp.nan_to_num(climb, nan=jnp.inf)), imm)
-        return result + ((jnp.moveaxis(outs[5], 0, 1),) if return_x else ())
+        stats, divergences, step_size, accept, u1, u2, u_max, climb = outs[:8]
+        u_mean = jnp.mean(u1, axis=0)  # pooled over chains of equal length
+        u_sd = jnp.sqrt(jnp.maximum(jnp.mean(u2, axis=0) - u_mean**2, 0.0))
+        positions = (u_mean, u_sd, jnp.max(u_max), jnp.max(jnp.nan_to_num(climb, nan=jnp.inf)))
+        return (stats, jnp.sum(divergences), step_size, accept) + positions + tuple(outs[8:])
 
     return one_eta
 
 
 _SAMPLER_CACHE: dict[tuple, Callable] = {}
-# per kernel: compile with CPU_LOOP_COMPILER_OPTIONS (see _jit.py) rather than XLA's defaults.
-# Measured on 200 eta (benchmarks/results/datagen.md): for NUTS they cut compilation 3-4x but ran
-# the draws 1.2-2.2x slower, a loss on every run longer than a few chunks; ChEES runs short
-# fixed-length loops, where compilation dominates.
-QUICK_COMPILE = {"nuts": False, "chees": True, "smc": False}
 
 
 def _batched_fn(family, settings: tuple, sharded: bool, builder: Callable = _one_eta_fn,
-                num_inputs: int = 4):
+                num_inputs: int = 2):
     """jit(vmap over eta [sharded over local devices]) of ``builder(family, *settings)``.
 
     Cached per family (equal families share it, see ``ExponentialFamily.cache_key``), builder
     and settings, so repeated calls, retries with equal settings and equal family instances
-    reuse the compiled sampler. Where ``QUICK_COMPILE[kernel]`` the program is compiled by
-    :func:`numpyro_nnef._jit.quick_jit` with ``CPU_LOOP_COMPILER_OPTIONS`` (CPU: legacy
-    emitters, LLVM O1: 3-4x faster compiles, slower loops)."""
-    kernel = {_one_eta_fn: "nuts", _chees_one_eta_fn: "chees"}.get(builder, "smc")
-    quick = QUICK_COMPILE[kernel]
+    reuse the compiled sampler.
+    """
     devices = tuple(jax.local_devices()) if sharded else None
-    cache_key = (family, builder, settings, devices, quick)  # family: id-based keys
+    cache_key = (family, builder, settings, devices)  # the family keeps id-based keys unique
     fn = _SAMPLER_CACHE.get(cache_key)
     if fn is None:
         fn = jax.vmap(builder(family, *settings))
@@ -348,7 +245,7 @@ def _batched_fn(family, settings: tuple, sharded: bool, builder: Callable = _one
             mesh = Mesh(np.array(devices), ("eta",))
             fn = jax.shard_map(fn, mesh=mesh, in_specs=(P("eta"),) * num_inputs,
                                out_specs=P("eta"), check_vma=False)
-        fn = quick_jit(fn, cpu_options=CPU_LOOP_COMPILER_OPTIONS) if quick else jax.jit(fn)
+        fn = jax.jit(fn)
         _SAMPLER_CACHE[cache_key] = fn
     return fn
 
@@ -362,34 +259,23 @@ def _pad(a: Array, size: int) -> Array:
 
 
 def _run_flat(family, etas: Array, keys: Array, *, num_chains, num_warmup, num_samples,
-              target_acceptance_rate, return_x, batch_size: int | None = None,
-              warm: tuple[Array, Array] | None = None, kernel: str = "nuts") -> NUTSDraws:
+              target_acceptance_rate, return_x, batch_size: int | None = None) -> NUTSDraws:
     """Run on etas (n, D) with one key per eta; n is padded to ``batch_size`` and to a multiple
-    of the local device count (sharded path) unless the inputs are traced. ``warm``: (step
-    size (n,), inverse mass matrix (n, d)) to start from, adapting the step size alone during
-    the ``num_warmup`` steps; None: Stan's windowed adaptation from step size 1 and unit mass.
-    ``kernel``: "nuts" or "chees" (:func:`_chees_one_eta_fn`, same outputs)."""
+    of the local device count (sharded path) unless the inputs are traced."""
     _check_settings(num_chains, num_warmup, num_samples)
     settings = (int(num_chains), int(num_warmup), int(num_samples),
-                float(target_acceptance_rate), bool(return_x),
-                "window" if warm is None else "step")
+                float(target_acceptance_rate), bool(return_x))
     n = etas.shape[0]
-    if warm is None:
-        d = math.prod(_unconstrained_shape(family))
-        warm = (jnp.ones(n, etas.dtype), jnp.ones((n, d), etas.dtype))
-    step0, imm0 = (jnp.asarray(a, etas.dtype) for a in warm)
-    traced = any(isinstance(a, jax.core.Tracer) for a in (etas, keys, step0, imm0))
-    builder = _one_eta_fn if kernel == "nuts" else _chees_one_eta_fn
+    traced = isinstance(etas, jax.core.Tracer) or isinstance(keys, jax.core.Tracer)
     if traced:
-        out = _batched_fn(family, settings, False, builder)(keys, etas, step0, imm0)
+        out = _batched_fn(family, settings, sharded=False)(keys, etas)
     else:
         num_devices = len(jax.local_devices())
         size = max(n, batch_size or 0)
         size = -(-size // num_devices) * num_devices
-        out = _batched_fn(family, settings, True, builder)(
-            *(_pad(a, size) for a in (keys, etas, step0, imm0)))
+        out = _batched_fn(family, settings, sharded=True)(_pad(keys, size), _pad(etas, size))
         out = tuple(o[:n] for o in out)
-    return NUTSDraws(*out[:8], out[9] if return_x else None, out[8])
+    return NUTSDraws(*out[:8], out[8] if return_x else None)
 
 
 def _check_settings(num_chains, num_warmup, num_samples):
@@ -441,9 +327,9 @@ def run_nuts(
     """Independent adapted NUTS chains on p(x | eta) ∝ h(x) exp(eta . T(x)) for each eta.
 
     ``etas`` has shape ``batch + (stat_dim,)`` (usually ``(n_eta, stat_dim)``). Each chain starts
-    at u ~ Uniform(-2, 2) in unconstrained space, runs ``num_warmup`` steps of Stan's windowed
-    adaptation (step size, diagonal mass matrix), then ``num_samples`` NUTS steps. Returns
-    :class:`NUTSDraws` with ``statistics`` of shape ``batch + (num_chains, num_samples, stat_dim)``.
+    at u ~ Uniform(-2, 2) in unconstrained space, runs ``num_warmup`` steps of BlackJAX window
+    adaptation, then ``num_samples`` NUTS steps. Returns :class:`NUTSDraws` with
+    ``statistics`` of shape ``batch + (num_chains, num_samples, stat_dim)``.
     """
     etas = family.validate_natural(_float_etas(family, etas))
     key = as_key(key)
@@ -786,12 +672,9 @@ def sample_etas(
 # ---------------------------------------------------------------------------------------------
 # dataset generation
 # ---------------------------------------------------------------------------------------------
-_DATASET_ARRAYS = ("mean", "cov", "ess_bulk", "ess_tail", "rhat", "mcse", "divergences",
-                   "num_samples", "retries", "passed")
-# per chunk also: SMC flags, failure causes, and the first NUTS attempt's adapted step size and
-# inverse mass matrix (medians over chains; NaN where that attempt failed), which warm-start
-# the following chunks (warm_start=True) and so must survive a resume
-_CHUNK_ARRAYS = _DATASET_ARRAYS + ("smc", "cause", "step_size", "inverse_mass")
+_CHUNK_ARRAYS = ("mean", "cov", "ess_bulk", "ess_tail", "rhat", "mcse", "divergences",
+                 "num_samples", "retries", "passed", "smc", "cause")
+_DATASET_ARRAYS = _CHUNK_ARRAYS[:-2]
 IMPROPER_U = 1e8  # chains beyond |u| = 1e8 in unconstrained space: taken as running off
 IMPROPER_CLIMB = 50.0  # a chain whose log density rises by 50 nats over its draws: climbing
 
@@ -961,7 +844,6 @@ def generate_dataset(
     max_rhat: float = 1.01,
     target_acceptance_rate: float = 0.8,
     sampler: str = "nuts",
-    warm_start: bool = False,
     fallback: str | None = "smc",
     smc: SMCSettings | None = None,
     progress: bool = True,
@@ -986,17 +868,6 @@ def generate_dataset(
     flagged ``passed=False`` (trainers drop them); ``metadata["failures"]`` names each one's
     causes (an improper member, A(eta) = inf, is reported as such and not retried).
 
-    ``sampler="chees"``: ChEES-HMC (:func:`_chees_one_eta_fn`: ``num_chains`` chains per eta in
-    lockstep, jittered trajectory length tuned across them; best with many chains, e.g. 16),
-    with the same diagnostics, retries and fallback as NUTS.
-
-    ``warm_start=True`` (NUTS): the first chunk is adapted as above (Stan's windows, step size
-    and diagonal mass matrix); every later chunk starts each eta from the adapted step size and
-    inverse mass matrix (medians over chains) of its nearest first-chunk eta that passed
-    (distance in eta scaled by the spread of ``etas`` per coordinate) and adapts the step size
-    alone for ``max(1, num_warmup // 5)`` steps. Diagnostics and retries are unchanged (retries
-    adapt from scratch). Results then depend on ``chunk_size``.
-
     With ``checkpoint_dir`` each finished chunk is written atomically and a rerun with the same
     arguments resumes from them ("resumed N of M chunks" on stderr); a directory of another run
     raises :class:`CheckpointMismatchError` naming the settings that differ. SIGINT and SIGTERM
@@ -1008,12 +879,8 @@ def generate_dataset(
     for name, value, least in (("chunk_size", chunk_size, 1), ("max_retries", max_retries, 0)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-    if sampler not in ("nuts", "smc", "chees"):
-        raise ValueError(f"sampler must be 'nuts', 'chees' or 'smc', got {sampler!r}")
-    if not isinstance(warm_start, bool):
-        raise ValueError(f"warm_start must be True or False, got {warm_start!r}")
-    if warm_start and sampler != "nuts":
-        raise ValueError(f"warm_start=True needs sampler='nuts', got sampler={sampler!r}")
+    if sampler not in ("nuts", "smc"):
+        raise ValueError(f"sampler must be 'nuts' or 'smc', got {sampler!r}")
     if fallback not in ("smc", None):
         raise ValueError(f"fallback must be 'smc' or None, got {fallback!r}")
     smc = smc or SMCSettings()
@@ -1030,14 +897,13 @@ def generate_dataset(
 
     num_points = etas_np.shape[0]
     settings = {
-        "sampler": {"nuts": "blackjax.nuts+window_adaptation",
-                    "chees": "blackjax.dynamic_hmc+chees_adaptation",
-                    "smc": "blackjax.adaptive_tempered_smc"}[sampler],
+        "sampler": "blackjax.nuts+window_adaptation" if sampler == "nuts"
+        else "blackjax.adaptive_tempered_smc",
         "num_chains": int(num_chains), "num_warmup": int(num_warmup),
         "num_samples": int(num_samples), "chunk_size": int(chunk_size),
         "max_retries": int(max_retries), "min_ess": float(min_ess),
         "max_rhat": float(max_rhat), "target_acceptance_rate": float(target_acceptance_rate),
-        "fallback": fallback, "smc": smc._asdict(), "warm_start": warm_start,
+        "fallback": fallback, "smc": smc._asdict(),
         "unconstrained": "support_transform (softplus for x >= 0, biject_to otherwise) with "
                          "log|det J|; circle cut at its lowest-density grid angle",
     }
@@ -1081,27 +947,10 @@ def generate_dataset(
     # run compiles one small retry program once, so that a few failing points are cheap to redo
     retry_batch = batch if len(starts) <= 4 else min(batch, 8 * num_devices)
 
-    warm_steps = max(1, num_warmup // 5)
-    eta_scale = etas_np.std(axis=0)
-    eta_scale = np.where(eta_scale > 0, eta_scale, 1.0)
-
-    def warm_parameters(points) -> tuple[np.ndarray, np.ndarray] | None:
-        """(step size, inverse mass matrix) for the etas ``points`` from their nearest eta of
-        the first chunk whose first attempt passed; None if there is none."""
-        first = results[0]
-        usable = np.flatnonzero(np.isfinite(first["step_size"]))
-        if usable.size == 0:
-            return None
-        pilot = etas_np[usable] / eta_scale
-        dist = (((etas_np[points] / eta_scale)[:, None, :] - pilot[None]) ** 2).sum(-1)
-        nearest = usable[np.argmin(dist, axis=1)]
-        return first["step_size"][nearest], first["inverse_mass"][nearest]
-
-    def dispatch_nuts(points, attempt, replicas, warm=None) -> list[NUTSDraws]:
+    def dispatch_nuts(points, attempt, replicas) -> list[NUTSDraws]:
         """Start NUTS for the etas ``points`` (JAX dispatches asynchronously): ``replicas``
         independent runs of num_chains chains each, in calls of a fixed batch shape (one
-        compiled program for first attempts, one for warm-started ones, one for all retries).
-        ``warm``: per-point step size and inverse mass matrix to start from (first attempts)."""
+        compiled program for first attempts, one for all retries)."""
         size = batch if attempt == 0 else retry_batch
         rows = np.repeat(points, replicas)
         keys = _attempt_keys(all_keys[rows], attempt)
@@ -1109,13 +958,9 @@ def generate_dataset(
             keys = jax.vmap(jax.random.fold_in)(
                 keys, jnp.asarray(np.tile(np.arange(replicas), points.size), jnp.uint32))
         return [_run_flat(family, jax_etas[rows[i:i + size]], keys[i:i + size],
-                          num_chains=num_chains,
-                          num_warmup=num_warmup if warm is None else warm_steps,
-                          num_samples=num_samples, batch_size=size,
-                          target_acceptance_rate=target_acceptance_rate, return_x=False,
-                          warm=None if warm is None else (warm[0][i:i + size],
-                                                          warm[1][i:i + size]),
-                          kernel=sampler)
+                          num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
+                          batch_size=size, target_acceptance_rate=target_acceptance_rate,
+                          return_x=False)
                 for i in range(0, rows.size, size)]
 
     def collect_nuts(parts: list[NUTSDraws], n: int, replicas: int) -> tuple:
@@ -1128,9 +973,6 @@ def generate_dataset(
         u_mean = d.u_mean.reshape(n, replicas, -1)
         second = (d.u_sd.reshape(n, replicas, -1) ** 2 + u_mean**2).mean(1)
         u_sd = np.sqrt(np.maximum(second - u_mean.mean(1) ** 2, 0.0))
-        diagnostics["step_size"] = np.median(d.step_size.reshape(n, -1), axis=1)
-        diagnostics["inverse_mass"] = np.median(
-            d.inverse_mass_matrix.reshape((n, -1, d.inverse_mass_matrix.shape[-1])), axis=1)
         return (diagnostics, u_mean.mean(1), u_sd, d.u_max.reshape(n, replicas).max(1),
                 d.climb.reshape(n, replicas).max(1))
 
@@ -1143,8 +985,7 @@ def generate_dataset(
         if sampler == "smc":
             out = run_smc_points(idx, 0, np.zeros((n, dim)), np.full((n, dim), 2.0))
             out.update(num_samples=np.full(n, smc.num_particles, np.int64),
-                       retries=np.zeros(n, np.int64), smc=np.ones(n, bool),
-                       step_size=np.full(n, np.nan), inverse_mass=np.full((n, dim), np.nan))
+                       retries=np.zeros(n, np.int64), smc=np.ones(n, bool))
             passed = passes(out)
         else:
             first = dispatch_nuts(idx, 0, 1) if first is None else first
@@ -1152,8 +993,6 @@ def generate_dataset(
             out.update(num_samples=np.full(n, num_samples, np.int64),
                        retries=np.zeros(n, np.int64), smc=np.zeros(n, bool))
             passed = passes(out)
-            out["step_size"][~passed] = np.nan  # adapted parameters worth reusing: passed only
-            out["inverse_mass"][~passed] = np.nan
             for attempt in range(1, max_retries + 1):
                 failing = np.flatnonzero(~passed & ~_improper(out, u_max, climb))
                 if failing.size == 0:
@@ -1163,8 +1002,7 @@ def generate_dataset(
                 again, m, sd, u_max[failing], climb[failing] = collect_nuts(
                     dispatch_nuts(idx[failing], attempt, replicas), failing.size, replicas)
                 for name, value in again.items():
-                    if name not in ("step_size", "inverse_mass"):
-                        out[name][failing] = value
+                    out[name][failing] = value
                 ref_mean[failing], ref_sd[failing] = m, sd
                 out["retries"][failing] = attempt
                 passed[failing] = passes(again)
@@ -1202,19 +1040,12 @@ def generate_dataset(
     def work(c: int) -> dict[str, np.ndarray]:
         """Chunk c, on the worker thread. The next chunk's first attempt is dispatched before
         chunk c is finished, so XLA runs two chunks at once (both cores of a CPU host busy)."""
-        if sampler != "smc":
+        if sampler == "nuts":
             following = [d for d in range(c + 1, len(starts)) if results[d] is None][:1]
             for d in [c] + following:
-                points = np.arange(starts[d], min(starts[d] + chunk_size, num_points))
-                if d in ahead:
-                    continue
-                if warm_start and d > 0:
-                    if results[0] is None:  # needs the first chunk's adapted parameters
-                        continue
-                    warm = warm_parameters(points)
-                    ahead[d] = dispatch_nuts(points, 0, 1, warm)
-                else:
-                    ahead[d] = dispatch_nuts(points, 0, 1)
+                if d not in ahead:
+                    ahead[d] = dispatch_nuts(
+                        np.arange(starts[d], min(starts[d] + chunk_size, num_points)), 0, 1)
         return compute(starts[c], min(starts[c] + chunk_size, num_points), ahead.pop(c, None))
 
     in_main = threading.current_thread() is threading.main_thread()

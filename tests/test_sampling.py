@@ -184,14 +184,13 @@ class Interrupt(Exception):
     pass
 
 
-def stop_after_first(chunk, done, total):
-    """generate_dataset callback: interrupt after the first chunk."""
-    if chunk == 0:
-        raise Interrupt
-
-
 def test_resume_after_interruption(gauss, data, tmp_path, monkeypatch):
     ckpt = tmp_path / "ckpt"
+
+    def stop_after_first(chunk, done, total):
+        if chunk == 0:
+            raise Interrupt
+
     with pytest.raises(Interrupt):
         generate_dataset(gauss, ETAS, key=jax.random.key(7), checkpoint_dir=ckpt,
                          callback=stop_after_first, **GEN)
