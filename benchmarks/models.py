@@ -152,7 +152,8 @@ def unit_nuts(name: str, config: dict) -> dict:
             "divergences": divergences}
 
 
-def unit_svi(name: str, config: dict) -> dict:
+def svi_setup(name: str, config: dict):
+    """(jax, AutoNormal guide, SVI, data) on the NUTS model of the entry."""
     jax = setup_jax()
     from numpyro.infer import SVI, Trace_ELBO
     from numpyro.infer.autoguide import AutoNormal
@@ -161,9 +162,12 @@ def unit_svi(name: str, config: dict) -> dict:
 
     entry = MODELS[name]
     model = entry.nuts_model or entry.model
-    data = model_data(name)
     guide = AutoNormal(model)
-    svi = SVI(model, guide, Adam(config["svi_lr"]), Trace_ELBO())
+    return jax, guide, SVI(model, guide, Adam(config["svi_lr"]), Trace_ELBO()), model_data(name)
+
+
+def unit_svi(name: str, config: dict) -> dict:
+    jax, guide, svi, data = svi_setup(name, config)
     start = time.perf_counter()
     result = svi.run(jax.random.key(0), config["svi_steps"], progress_bar=False, **data)
     jax.block_until_ready(result.params)
@@ -176,19 +180,9 @@ def unit_svi(name: str, config: dict) -> dict:
 def unit_svi_at_cavi_time(name: str, config: dict) -> dict:
     """SVI AutoNormal with CAVI's first-call wall time (``config["budget_s"]``), compilation
     included: jitted ``svi.update`` steps until the budget is spent."""
-    jax = setup_jax()
-    from numpyro.infer import SVI, Trace_ELBO
-    from numpyro.infer.autoguide import AutoNormal
-    from numpyro.optim import Adam
-    from textbook import MODELS
-
     if config.get("budget_s") is None:
         return {"error": "no CAVI first-call time to match (run the cavi unit first)"}
-    entry = MODELS[name]
-    model = entry.nuts_model or entry.model
-    data = model_data(name)
-    guide = AutoNormal(model)
-    svi = SVI(model, guide, Adam(config["svi_lr"]), Trace_ELBO())
+    jax, guide, svi, data = svi_setup(name, config)
     start = time.perf_counter()
     state = svi.init(jax.random.key(0), **data)
     update = jax.jit(lambda st: svi.update(st, **data))
